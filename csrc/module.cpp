@@ -1,0 +1,26 @@
+// The one pybind11 module of dreampose-rt: dreampose_rt._C.
+// Each op lives in its own file and registers itself through a function declared here.
+#include <pybind11/pybind11.h>
+
+#ifndef DREAMPOSE_RT_BUILD_FLAGS
+#define DREAMPOSE_RT_BUILD_FLAGS ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dreampose-rt native extension (C++17, CPU)";
+  m.attr("build_flags") = DREAMPOSE_RT_BUILD_FLAGS;
+  m.attr("compiler") =
+#if defined(__clang__)
+      "clang " __clang_version__;
+#elif defined(__GNUC__)
+      "gcc " __VERSION__;
+#else
+      "unknown";
+#endif
+  m.attr("pybind11_version") = std::to_string(PYBIND11_VERSION_MAJOR) + "." +
+                               std::to_string(PYBIND11_VERSION_MINOR) + "." +
+                               std::to_string(PYBIND11_VERSION_PATCH);
+  m.attr("cplusplus") = static_cast<long>(__cplusplus);
+}
