@@ -1,0 +1,84 @@
+"""Dual classifier-free guidance: the branch layout of the UNet batch and the combine formula.
+
+One UNet call evaluates three branches for each of F frames, batched BRANCH-MAJOR (3F samples)::
+
+    rows [0F, 1F)  branch 0  null image, null pose   -> e(0,0)
+    rows [1F, 2F)  branch 1  image,      pose        -> e(I,P)
+    rows [2F, 3F)  branch 2  image,      null pose   -> e(I,0)
+
+    eps = e(0,0) + s_I * (e(I,0) - e(0,0)) + s_p * (e(I,P) - e(I,0))
+
+This module is the single definition of that layout; the fused kernels and the exported graphs follow it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_BRANCHES = 3
+BRANCH_NULL = 0  # null image, null pose
+BRANCH_IMAGE_POSE = 1  # image, pose
+BRANCH_IMAGE = 2  # image, null pose
+
+
+def _per_frame(scale: float | torch.Tensor, n_frames: int, ref: torch.Tensor, name: str) -> torch.Tensor | float:
+    if isinstance(scale, torch.Tensor):
+        if scale.ndim == 0:
+            return scale.to(device=ref.device, dtype=torch.float32)
+        if scale.shape != (n_frames,):
+            raise ValueError(f"{name} must be a float or a tensor of shape ({n_frames},), got {tuple(scale.shape)}")
+        return scale.to(device=ref.device, dtype=torch.float32).view(n_frames, *([1] * (ref.ndim - 1)))
+    return float(scale)
+
+
+def combine_guidance(
+    model_output: torch.Tensor,
+    n_frames: int,
+    s_image: float | torch.Tensor,
+    s_pose: float | torch.Tensor,
+) -> torch.Tensor:
+    """Combine the three branches into one noise prediction, computed in fp32.
+
+    Args:
+        model_output: (3F, C, h, w) UNet output in branch-major order (see the module docstring).
+        n_frames: F.
+        s_image, s_pose: guidance scales, a float for all frames or a tensor (F,) with one per frame.
+
+    Returns:
+        (F, C, h, w) float32 guided noise prediction.
+    """
+    if model_output.shape[0] != NUM_BRANCHES * n_frames:
+        raise ValueError(
+            f"model_output has batch {model_output.shape[0]}, expected {NUM_BRANCHES} x {n_frames} frames"
+        )
+    e = model_output.float().unflatten(0, (NUM_BRANCHES, n_frames))
+    e00, e_ip, e_i0 = e[BRANCH_NULL], e[BRANCH_IMAGE_POSE], e[BRANCH_IMAGE]
+    s_i = _per_frame(s_image, n_frames, e00, "s_image")
+    s_p = _per_frame(s_pose, n_frames, e00, "s_pose")
+    return e00 + s_i * (e_i0 - e00) + s_p * (e_ip - e_i0)
+
+
+def branch_batch(
+    latents: torch.Tensor,
+    pose_window: torch.Tensor,
+    cond: torch.Tensor,
+    null_cond: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Build the UNet inputs of one guided step for F frames.
+
+    Args:
+        latents: (F, C, h, w) current latents.
+        pose_window: (F, 2 * n_poses, h, w) pose windows in [-1, 1].
+        cond: (1, N, D) or (F, N, D) image conditioning.
+        null_cond: (1, N, D) or (F, N, D) null-image conditioning.
+
+    Returns:
+        latents (3F, C, h, w), pose (3F, 2 * n_poses, h, w) with zeros for null-pose branches, and
+        encoder_hidden_states (3F, N, D), all branch-major.
+    """
+    f = latents.shape[0]
+    null_pose = torch.zeros_like(pose_window)
+    x = latents.repeat(NUM_BRANCHES, 1, 1, 1)
+    p = torch.cat([null_pose, pose_window, null_pose], dim=0)
+    ehs = torch.cat([null_cond.expand(f, -1, -1), cond.expand(f, -1, -1), cond.expand(f, -1, -1)], dim=0)
+    return x, p, ehs

@@ -1,0 +1,251 @@
+"""The reference DreamPose pipeline: the correctness oracle for every faster path.
+
+Phases of one render (each a method):
+
+1. ``check_inputs``      image, poses, settings
+2. ``encode_subject``    conditioning for the image branch and the null-image branch, ONCE per video
+3. ``prepare_poses``     (T, 2, H', W') in [0, 1] -> (T, 2, h, w) in [-1, 1] at the latent size
+4. ``initial_noise``     seeded Gaussian latents: one noise shared by all frames, or one per frame
+5. ``denoise``           one UNet call per step at batch 3F (branch-major, see dreampose.guidance),
+                         dual classifier-free guidance, then the scheduler's step (diffusers: the oracle)
+6. ``decode``            VAE decode -> uint8 frames, clamped, no per-frame rescaling
+
+Fixes to the original release: conditioning is computed once per video, not per frame; the VAE
+conditioning latents are the posterior mean, not a sample; CLIP runs on the pipeline's device; the pose
+window clamps to the nearest existing frame at the ends; outputs are not min-max rescaled per frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .guidance import NUM_BRANCHES, branch_batch, combine_guidance
+from .images import ImageLike, load_image, to_uint8
+from .model import DreamPoseModel
+from .poses import load_poses, pose_window, prepare_poses
+from .schedulers import SCHEDULERS, make_scheduler
+from .utils import DreamPoseError, PathLike
+
+logger = logging.getLogger(__name__)
+
+NOISE_MODES = ("shared", "per-frame")
+
+
+@dataclass
+class SubjectConditioning:
+    """The encoded subject: cond (1, N, D) for the image branches, null (1, N, D) for the null image."""
+
+    cond: torch.Tensor
+    null: torch.Tensor
+
+
+def frame_noise(seed: int, index: int | None, shape: Sequence[int]) -> torch.Tensor:
+    """Seeded standard-normal noise (float32, CPU) for one frame.
+
+    ``index=None`` gives the noise shared by all frames (the paper's code: steadier video); an integer
+    gives frame ``index`` its own noise. The stream for (seed, index) does not depend on which other
+    frames are rendered or how they are batched, so partial and resumed renders reproduce full ones.
+    """
+    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF] + ([] if index is None else [1, int(index)])
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    gen = torch.Generator(device="cpu").manual_seed(int(state) & 0x7FFFFFFFFFFFFFFF)
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+
+
+class DreamPosePipeline:
+    """Renders a subject image along a pose sequence, one video frame per pose.
+
+    Args:
+        model: a DreamPoseModel (its device and dtype are used).
+        scheduler_factory: ``(name, scheduler_config) -> scheduler`` with diffusers' interface;
+            diffusers' own schedulers by default.
+    """
+
+    def __init__(
+        self,
+        model: DreamPoseModel,
+        scheduler_factory: Callable[[str, dict], Any] = make_scheduler,
+    ) -> None:
+        self.model = model.eval()
+        self.scheduler_factory = scheduler_factory
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "DreamPosePipeline":
+        return cls(DreamPoseModel.from_pretrained(folder, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- 1. inputs --------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        steps: int,
+        scheduler: str,
+        s_image: float,
+        s_pose: float,
+        noise: str,
+        frames_per_batch: int,
+    ) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise DreamPoseError(f"steps must be a positive integer, got {steps!r}")
+        if scheduler not in SCHEDULERS:
+            raise DreamPoseError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        for name, s in (("s_image", s_image), ("s_pose", s_pose)):
+            if not np.isfinite(s):
+                raise DreamPoseError(f"{name} must be finite, got {s}")
+        if noise not in NOISE_MODES:
+            raise DreamPoseError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        if frames_per_batch < 1:
+            raise DreamPoseError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
+
+    # ---- 2. conditioning ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_subject(self, image: ImageLike | torch.Tensor) -> SubjectConditioning:
+        """Subject image (path, PIL, array, tensor) -> conditioning for the image and null-image branches."""
+        c = self.model.config
+        pixels = load_image(image, (c.height, c.width)).to(self.device)
+        return SubjectConditioning(cond=self.model.encode_image(pixels), null=self.model.encode_null_image(1))
+
+    # ---- 3. poses -------------------------------------------------------------------------------
+    def prepare_poses(self, poses: PathLike | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Any pose source (see dreampose.poses.load_poses) -> (T, 2, h, w) in [-1, 1] on the device."""
+        arr = load_poses(poses)
+        c = self.model.config
+        return prepare_poses(arr, (c.height, c.width), self.model.latent_size, self.device)
+
+    # ---- 4. noise -------------------------------------------------------------------------------
+    def initial_noise(self, frames: Sequence[int], seed: int, noise: str) -> torch.Tensor:
+        """(F, C, h, w) float32 starting latents (before init_noise_sigma) for the given frame indices."""
+        shape = (self.model.latent_channels, *self.model.latent_size)
+        if noise == "shared":
+            x = frame_noise(seed, None, shape)
+            return x.unsqueeze(0).repeat(len(frames), 1, 1, 1).to(self.device)
+        return torch.stack([frame_noise(seed, i, shape) for i in frames]).to(self.device)
+
+    # ---- 5. denoising ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def denoise(
+        self,
+        subject: SubjectConditioning,
+        poses: torch.Tensor,
+        frames: Sequence[int],
+        latents: torch.Tensor,
+        steps: int,
+        scheduler: str,
+        s_image: float,
+        s_pose: float,
+        on_step: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the sampler for F frames at once. latents (F, C, h, w) float32 noise -> (F, C, h, w) float32."""
+        model = self.model
+        sched = self.scheduler_factory(scheduler, model.scheduler_config)
+        sched.set_timesteps(steps)
+        window = pose_window(poses, list(frames), model.config.n_poses)  # (F, 10, h, w)
+        latents = latents * sched.init_noise_sigma
+        dtype = model.dtype
+        _, p, ehs = branch_batch(latents, window, subject.cond, subject.null)
+        p, ehs = p.to(dtype), ehs.to(dtype)
+        for t in sched.timesteps:
+            x = sched.scale_model_input(latents, t).repeat(NUM_BRANCHES, 1, 1, 1)
+            eps_all = model.denoise(x.to(dtype), p, t.to(self.device), ehs)
+            eps = combine_guidance(eps_all, len(frames), s_image, s_pose)
+            latents = sched.step(eps, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step()
+        return latents
+
+    # ---- 6. decoding ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (F, C, h, w) -> uint8 frames (F, H, W, 3)."""
+        return to_uint8(self.model.decode(latents))
+
+    # ---- the whole render -----------------------------------------------------------------------
+    def iter_frames(
+        self,
+        image: ImageLike | torch.Tensor,
+        poses: PathLike | np.ndarray | torch.Tensor,
+        steps: int | None = None,
+        scheduler: str = "pndm",
+        s_image: float | None = None,
+        s_pose: float | None = None,
+        seed: int = 0,
+        noise: str = "shared",
+        frames: Sequence[int] | None = None,
+        frames_per_batch: int = 1,
+        progress: bool = True,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (frame index, uint8 frame (H, W, 3)) as frames finish. Arguments as in ``__call__``."""
+        from tqdm.auto import tqdm
+
+        c = self.model.config
+        steps = c.num_inference_steps if steps is None else steps
+        s_image = c.s_image if s_image is None else float(s_image)
+        s_pose = c.s_pose if s_pose is None else float(s_pose)
+        self.check_inputs(steps, scheduler, s_image, s_pose, noise, frames_per_batch)
+        pose_seq = self.prepare_poses(poses)
+        n_total = pose_seq.shape[0]
+        frames = list(range(n_total)) if frames is None else [int(i) for i in frames]
+        bad = [i for i in frames if not 0 <= i < n_total]
+        if bad:
+            raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses")
+        subject = self.encode_subject(image)
+
+        probe = self.scheduler_factory(scheduler, self.model.scheduler_config)
+        probe.set_timesteps(steps)
+        calls_per_batch = len(probe.timesteps)
+        batches = [frames[i : i + frames_per_batch] for i in range(0, len(frames), frames_per_batch)]
+        bar = tqdm(total=len(batches) * calls_per_batch, unit="step", disable=not progress, desc="rendering",
+                   dynamic_ncols=True)
+        done = 0
+        try:
+            for batch in batches:
+                noise_lat = self.initial_noise(batch, seed, noise)
+                latents = self.denoise(subject, pose_seq, batch, noise_lat, steps, scheduler, s_image, s_pose,
+                                       on_step=lambda: bar.update(1))
+                for i, frame in zip(batch, self.decode(latents)):
+                    done += 1
+                    bar.set_postfix(frames=f"{done}/{len(frames)}")
+                    yield i, frame
+        finally:
+            bar.close()
+
+    def __call__(
+        self,
+        image: ImageLike | torch.Tensor,
+        poses: PathLike | np.ndarray | torch.Tensor,
+        steps: int | None = None,
+        scheduler: str = "pndm",
+        s_image: float | None = None,
+        s_pose: float | None = None,
+        seed: int = 0,
+        noise: str = "shared",
+        frames: Sequence[int] | None = None,
+        frames_per_batch: int = 1,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Render frames. Returns uint8 (T, H, W, 3), T = len(frames) (all poses by default).
+
+        Args:
+            image: the subject (path, PIL image, uint8/float array (H, W, 3), or tensor (3, H, W) in [0, 1]).
+            poses: a pose source for dreampose.poses.load_poses, or an array (T, 2, H', W') of U, V in [0, 1].
+            steps: denoising steps (the model's default, 100 for the paper's PNDM).
+            scheduler: 'pndm' (PLMS, the paper's), 'ddim' or 'dpmpp' (DPM-Solver++ 2M).
+            s_image, s_pose: guidance scales (the model's defaults).
+            seed: noise seed; the same seed gives the same frames.
+            noise: 'shared' (one noise for all frames, the paper's) or 'per-frame'.
+            frames: indices to render (all by default); pose windows still see the whole sequence.
+            frames_per_batch: frames per UNet call (the batch is 3 x this).
+            progress: show a progress bar.
+        """
+        out = [f for _, f in self.iter_frames(image, poses, steps, scheduler, s_image, s_pose, seed, noise,
+                                               frames, frames_per_batch, progress)]
+        return np.stack(out)
