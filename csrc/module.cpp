@@ -2,6 +2,8 @@
 // Each op lives in its own file and registers itself through a function declared here.
 #include <pybind11/pybind11.h>
 
+#include "registry.h"
+
 #ifndef DREAMPOSE_RT_BUILD_FLAGS
 #define DREAMPOSE_RT_BUILD_FLAGS ""
 #endif
@@ -23,4 +25,6 @@ PYBIND11_MODULE(_C, m) {
                                std::to_string(PYBIND11_VERSION_MINOR) + "." +
                                std::to_string(PYBIND11_VERSION_PATCH);
   m.attr("cplusplus") = static_cast<long>(__cplusplus);
+
+  register_scheduler(m);
 }

@@ -1,0 +1,254 @@
+// pybind11 glue of the scheduler: converts options and buffers, checks them (errors name the
+// argument), fills the plain structs of scheduler/schedule.h and scheduler/step_kernel.h.
+// Buffers arrive through the buffer protocol (numpy views of CPU torch tensors).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "registry.h"
+#include "scheduler/columns.h"
+#include "scheduler/schedule.h"
+#include "scheduler/step_kernel.h"
+
+namespace py = pybind11;
+namespace sch = dreampose_rt::scheduler;
+
+namespace {
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+template <typename E>
+E parse_enum(const std::string& option, const std::string& value,
+             std::initializer_list<std::pair<const char*, E>> choices) {
+  std::ostringstream names;
+  for (const auto& c : choices) {
+    if (value == c.first) return c.second;
+    names << (names.tellp() > 0 ? ", " : "") << "'" << c.first << "'";
+  }
+  bad(option + "='" + value + "' is not supported (choose one of " + names.str() + ")");
+}
+
+template <typename E>
+std::string enum_name(E v, std::initializer_list<std::pair<const char*, E>> choices) {
+  for (const auto& c : choices)
+    if (c.second == v) return c.first;
+  return "?";
+}
+
+const std::initializer_list<std::pair<const char*, sch::Kind>> kKinds = {
+    {"pndm", sch::Kind::kPNDM}, {"ddim", sch::Kind::kDDIM}, {"dpmpp", sch::Kind::kDPMSolverPP}};
+const std::initializer_list<std::pair<const char*, sch::BetaSchedule>> kBetas = {
+    {"linear", sch::BetaSchedule::kLinear},
+    {"scaled_linear", sch::BetaSchedule::kScaledLinear},
+    {"squaredcos_cap_v2", sch::BetaSchedule::kSquaredCosCapV2}};
+const std::initializer_list<std::pair<const char*, sch::Spacing>> kSpacings = {
+    {"leading", sch::Spacing::kLeading},
+    {"trailing", sch::Spacing::kTrailing},
+    {"linspace", sch::Spacing::kLinspace}};
+const std::initializer_list<std::pair<const char*, sch::Prediction>> kPredictions = {
+    {"epsilon", sch::Prediction::kEpsilon}, {"v_prediction", sch::Prediction::kVPrediction}};
+const std::initializer_list<std::pair<const char*, sch::SolverType>> kSolverTypes = {
+    {"midpoint", sch::SolverType::kMidpoint}, {"heun", sch::SolverType::kHeun}};
+const std::initializer_list<std::pair<const char*, sch::FinalSigmas>> kFinalSigmas = {
+    {"zero", sch::FinalSigmas::kZero}, {"sigma_min", sch::FinalSigmas::kSigmaMin}};
+
+// A checked, C-contiguous view of one buffer argument.
+struct View {
+  void* ptr = nullptr;
+  int64_t numel = 0;
+  bool half = false;
+};
+
+View view_of(const py::object& obj, const char* name, bool writable, bool fp32_only) {
+  if (obj.is_none()) bad(std::string(name) + " is required");
+  py::buffer b = py::reinterpret_borrow<py::buffer>(obj);
+  py::buffer_info info;
+  try {
+    info = b.request(writable);
+  } catch (const std::exception& e) {
+    bad(std::string(name) + ": not a " + (writable ? "writable " : "") + "buffer (" + e.what() + ")");
+  }
+  View v;
+  if (info.format == "f" && info.itemsize == 4) {
+    v.half = false;
+  } else if (info.format == "e" && info.itemsize == 2 && !fp32_only) {
+    v.half = true;
+  } else {
+    bad(std::string(name) + ": dtype must be " + (fp32_only ? "float32" : "float32 or float16") +
+        " (buffer format '" + info.format + "')");
+  }
+  int64_t expect = info.itemsize;
+  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+    if (info.shape[d] != 1 && info.strides[d] != expect) bad(std::string(name) + " must be contiguous");
+    expect *= info.shape[d];
+  }
+  v.ptr = info.ptr;
+  v.numel = info.size;
+  return v;
+}
+
+void check_numel(const View& v, int64_t want, const char* name, const char* what) {
+  if (v.numel != want) {
+    std::ostringstream os;
+    os << name << " has " << v.numel << " elements, expected " << want << " (" << what << ")";
+    bad(os.str());
+  }
+}
+
+struct PyPlan {
+  sch::Plan plan;
+
+  py::bytes table() const {
+    const int C = sch::kNumTableColumns;
+    std::string data(plan.rows.size() * C * sizeof(float), '\0');
+    float* t = reinterpret_cast<float*>(&data[0]);
+    for (size_t k = 0; k < plan.rows.size(); ++k) {
+      const sch::StepRow& r = plan.rows[k];
+      const float row[] = {static_cast<float>(r.timestep), r.qx, r.qm, r.ox, r.om, r.oq, r.os,
+                           r.oh[0], r.oh[1], r.oh[2], r.oa, r.akeep, r.am,
+                           static_cast<float>(r.write_slot), r.save_sample ? 1.f : 0.f};
+      static_assert(sizeof(row) / sizeof(float) == sch::kNumTableColumns, "table layout");
+      std::memcpy(t + k * C, row, sizeof row);
+    }
+    return py::bytes(data);
+  }
+
+  void step(int64_t k, const py::object& out, const py::object& sample, const py::object& model_output,
+            const py::object& history, const py::object& saved_sample, const py::object& accumulator,
+            const py::object& scale_image, const py::object& scale_pose, int num_threads) const {
+    const int64_t n = static_cast<int64_t>(plan.rows.size());
+    if (k < 0 || k >= n) {
+      std::ostringstream os;
+      os << "step index " << k << " is outside the schedule of " << n << " steps";
+      bad(os.str());
+    }
+    const sch::StepRow& row = plan.rows[k];
+    sch::StepBuffers buf;
+    sch::Guidance g;
+    const View vs = view_of(sample, "sample", false, false);
+    const View vo = view_of(out, "out", true, false);
+    const View vm = view_of(model_output, "model_output", false, false);
+    if (vo.half != vs.half || vm.half != vs.half)
+      bad("sample, model_output and out must have the same dtype");
+    buf.dtype = vs.half ? sch::DType::kFloat16 : sch::DType::kFloat32;
+    buf.numel = vs.numel;
+    buf.sample = vs.ptr;
+    buf.out = vo.ptr;
+    buf.model_output = vm.ptr;
+    check_numel(vo, vs.numel, "out", "one per sample element");
+    g.enabled = !scale_image.is_none() || !scale_pose.is_none();
+    View si, sp;
+    if (g.enabled) {
+      si = view_of(scale_image, "scale_image", false, true);
+      sp = view_of(scale_pose, "scale_pose", false, true);
+      if (si.numel < 1 || si.numel != sp.numel) bad("scale_image and scale_pose must have the same length F >= 1");
+      if (vs.numel % si.numel != 0) {
+        std::ostringstream os;
+        os << "sample has " << vs.numel << " elements, not divisible into F=" << si.numel << " frames";
+        bad(os.str());
+      }
+      check_numel(vm, 3 * vs.numel, "model_output", "3 guidance branches per sample element");
+      g.frames = si.numel;
+      g.frame_numel = vs.numel / si.numel;
+      g.scale_image = static_cast<const float*>(si.ptr);
+      g.scale_pose = static_cast<const float*>(sp.ptr);
+    } else {
+      check_numel(vm, vs.numel, "model_output", "one per sample element");
+    }
+    if (plan.num_history_slots > 0) {
+      const View h = view_of(history, "history", true, true);
+      check_numel(h, plan.num_history_slots * vs.numel, "history", "num_history_slots x sample numel");
+      for (int j = 0; j < plan.num_history_slots; ++j) buf.history[j] = static_cast<float*>(h.ptr) + j * vs.numel;
+    }
+    if (plan.uses_saved_sample) {
+      const View s = view_of(saved_sample, "saved_sample", true, true);
+      check_numel(s, vs.numel, "saved_sample", "one per sample element");
+      buf.saved_sample = static_cast<float*>(s.ptr);
+    }
+    if (plan.uses_accumulator) {
+      const View a = view_of(accumulator, "accumulator", true, true);
+      check_numel(a, vs.numel, "accumulator", "one per sample element");
+      buf.accumulator = static_cast<float*>(a.ptr);
+    }
+    py::gil_scoped_release release;
+    sch::apply_step(row, buf, g, num_threads);
+  }
+};
+
+}  // namespace
+
+void register_scheduler(py::module_& m) {
+  py::class_<sch::Config>(m, "SchedulerConfig", "Options of the C++ scheduler core (a plain struct).")
+      .def(py::init<>())
+      .def_property(
+          "kind", [](const sch::Config& c) { return enum_name(c.kind, kKinds); },
+          [](sch::Config& c, const std::string& v) { c.kind = parse_enum("scheduler", v, kKinds); })
+      .def_readwrite("num_train_timesteps", &sch::Config::num_train_timesteps)
+      .def_readwrite("beta_start", &sch::Config::beta_start)
+      .def_readwrite("beta_end", &sch::Config::beta_end)
+      .def_property(
+          "beta_schedule", [](const sch::Config& c) { return enum_name(c.beta_schedule, kBetas); },
+          [](sch::Config& c, const std::string& v) { c.beta_schedule = parse_enum("beta_schedule", v, kBetas); })
+      .def_property(
+          "prediction_type", [](const sch::Config& c) { return enum_name(c.prediction_type, kPredictions); },
+          [](sch::Config& c, const std::string& v) {
+            c.prediction_type = parse_enum("prediction_type", v, kPredictions);
+          })
+      .def_property(
+          "timestep_spacing", [](const sch::Config& c) { return enum_name(c.timestep_spacing, kSpacings); },
+          [](sch::Config& c, const std::string& v) {
+            c.timestep_spacing = parse_enum("timestep_spacing", v, kSpacings);
+          })
+      .def_readwrite("steps_offset", &sch::Config::steps_offset)
+      .def_readwrite("set_alpha_to_one", &sch::Config::set_alpha_to_one)
+      .def_readwrite("skip_prk_steps", &sch::Config::skip_prk_steps)
+      .def_readwrite("solver_order", &sch::Config::solver_order)
+      .def_property(
+          "solver_type", [](const sch::Config& c) { return enum_name(c.solver_type, kSolverTypes); },
+          [](sch::Config& c, const std::string& v) { c.solver_type = parse_enum("solver_type", v, kSolverTypes); })
+      .def_readwrite("lower_order_final", &sch::Config::lower_order_final)
+      .def_readwrite("euler_at_final", &sch::Config::euler_at_final)
+      .def_property(
+          "final_sigmas_type", [](const sch::Config& c) { return enum_name(c.final_sigmas_type, kFinalSigmas); },
+          [](sch::Config& c, const std::string& v) {
+            c.final_sigmas_type = parse_enum("final_sigmas_type", v, kFinalSigmas);
+          });
+
+  py::class_<PyPlan>(m, "SchedulerPlan", "One run of a scheduler: timesteps and per-step coefficients.")
+      .def_property_readonly("timesteps", [](const PyPlan& p) { return p.plan.timesteps; })
+      .def_property_readonly("num_history_slots", [](const PyPlan& p) { return p.plan.num_history_slots; })
+      .def_property_readonly("uses_saved_sample", [](const PyPlan& p) { return p.plan.uses_saved_sample; })
+      .def_property_readonly("uses_accumulator", [](const PyPlan& p) { return p.plan.uses_accumulator; })
+      .def("table", &PyPlan::table, "Row-major float32 bytes, (num_steps, num_columns).")
+      .def("step", &PyPlan::step, py::arg("k"), py::arg("out"), py::arg("sample"), py::arg("model_output"),
+           py::arg("history") = py::none(), py::arg("saved_sample") = py::none(),
+           py::arg("accumulator") = py::none(), py::arg("scale_image") = py::none(),
+           py::arg("scale_pose") = py::none(), py::arg("num_threads") = 0,
+           "Apply step k: out = row k applied to the buffers; updates history/saved_sample/accumulator.");
+
+  m.def("scheduler_make_plan", [](const sch::Config& cfg, int n) { return PyPlan{sch::make_plan(cfg, n)}; },
+        py::arg("config"), py::arg("num_inference_steps"));
+  m.def("scheduler_timesteps", &sch::timesteps, py::arg("config"), py::arg("num_inference_steps"));
+  m.def("scheduler_alphas_cumprod", &sch::alphas_cumprod, py::arg("config"));
+  m.def("scheduler_table_columns", []() {
+    std::vector<std::string> names(std::begin(sch::kTableColumns), std::end(sch::kTableColumns));
+    return names;
+  });
+  m.def("half_to_float", &sch::half_to_float);
+  m.def("float_to_half", &sch::float_to_half);
+  // Bulk conversion of a buffer (what the data plane uses): (src, dst) of equal numel.
+  m.def("convert_half_to_float", [](const py::object& src, const py::object& dst) {
+    const View s = view_of(src, "src", false, false), d = view_of(dst, "dst", true, true);
+    if (!s.half || s.numel != d.numel) bad("src must be float16 with as many elements as dst");
+    sch::convert_half_to_float(static_cast<const uint16_t*>(s.ptr), static_cast<float*>(d.ptr), s.numel);
+  });
+  m.def("convert_float_to_half", [](const py::object& src, const py::object& dst) {
+    const View s = view_of(src, "src", false, true), d = view_of(dst, "dst", true, false);
+    if (!d.half || s.numel != d.numel) bad("dst must be float16 with as many elements as src");
+    sch::convert_float_to_half(static_cast<const float*>(s.ptr), static_cast<uint16_t*>(d.ptr), s.numel);
+  });
+}

@@ -1,0 +1,42 @@
+"""Loads the native extension ``dreampose_rt._C`` once and remembers why it failed, if it did.
+
+Callers ask :func:`load_extension` (the module or ``None``) and :func:`extension_error` (the reason);
+each op decides whether to fall back and says so once (see ``dreampose_rt.scheduler``).
+Set ``DREAMPOSE_RT_NO_EXT=1`` to run as if the extension were missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from types import ModuleType
+
+_lock = threading.Lock()
+_tried = False
+_module: ModuleType | None = None
+_error: str | None = None
+
+
+def load_extension() -> ModuleType | None:
+    """Return ``dreampose_rt._C``, or ``None`` if it cannot be imported (reason: :func:`extension_error`)."""
+    global _tried, _module, _error
+    if _tried:
+        return _module
+    with _lock:
+        if not _tried:
+            if os.environ.get("DREAMPOSE_RT_NO_EXT", "0") == "1":
+                _error = "disabled by DREAMPOSE_RT_NO_EXT=1"
+            else:
+                try:
+                    _module = importlib.import_module("dreampose_rt._C")
+                except ImportError as exc:  # not built, wrong ABI, missing symbol
+                    _error = f"{type(exc).__name__}: {exc}"
+            _tried = True
+    return _module
+
+
+def extension_error() -> str | None:
+    """Why :func:`load_extension` returned ``None`` (``None`` if it loaded or was not tried yet)."""
+    load_extension()
+    return _error

@@ -1,0 +1,91 @@
+"""``python -m dreampose_rt.info``: what this installation can run, section by section.
+
+Each section is a title and rows of (name, value); other backends add a section function to
+:data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Callable
+
+Row = tuple[str, str]
+Section = tuple[str, list[Row]]
+
+
+def _versions() -> Section:
+    import torch
+
+    rows: list[Row] = [
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("cuda available", str(torch.cuda.is_available())),
+    ]
+    try:
+        import diffusers
+
+        rows.append(("diffusers", diffusers.__version__))
+    except ImportError as exc:
+        rows.append(("diffusers", f"not installed ({exc})"))
+    return "versions", rows
+
+
+def _extension() -> Section:
+    from . import _ext
+
+    mod = _ext.load_extension()
+    if mod is None:
+        return "native extension dreampose_rt._C", [("status", f"not loaded: {_ext.extension_error()}")]
+    return "native extension dreampose_rt._C", [
+        ("status", "loaded"),
+        ("file", getattr(mod, "__file__", "?")),
+        ("build flags", getattr(mod, "build_flags", "?") or "(none)"),
+        ("compiler", getattr(mod, "compiler", "?")),
+        ("pybind11", getattr(mod, "pybind11_version", "?")),
+        ("C++ standard", str(getattr(mod, "cplusplus", "?"))),
+    ]
+
+
+def _scheduler() -> Section:
+    from .scheduler import native_core_error
+    from .scheduler.schedulers import native_core
+
+    if native_core() is not None:
+        status = "C++ core and CPU data plane (fp32, fp16)"
+    else:
+        status = f"pure-Python fallback ({native_core_error()})"
+    return "scheduler (pndm, ddim, dpmpp)", [("backend", status)]
+
+
+SECTIONS: list[Callable[[], Section]] = [_versions, _extension, _scheduler]
+
+
+def collect() -> list[Section]:
+    """Every section; a section that fails reports its error instead of stopping the report."""
+    out: list[Section] = []
+    for fn in SECTIONS:
+        try:
+            out.append(fn())
+        except Exception as exc:  # a broken backend must not hide the others
+            out.append((fn.__name__.strip("_"), [("error", f"{type(exc).__name__}: {exc}")]))
+    return out
+
+
+def format_report(sections: list[Section]) -> str:
+    lines = []
+    for title, rows in sections:
+        lines.append(title)
+        width = max((len(k) for k, _ in rows), default=0)
+        lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdout.write(format_report(collect()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,56 @@
+"""Diffusion schedulers (PNDM, DDIM, DPM-Solver++) with a C++ core and a pure-Python fallback.
+
+    from dreampose_rt.scheduler import create_scheduler
+    sched = create_scheduler("pndm", "path/to/model")      # reads scheduler/scheduler_config.json
+    sched.set_timesteps(100)
+    for t in sched.timesteps:
+        eps = unet(sched.scale_model_input(x, t), t)        # (3F, 4, h, w), branch-major
+        x = sched.step_guided(eps, t, x, s_image, s_pose).prev_sample
+
+``coefficient_table()`` gives the whole run as a table (layout: :mod:`dreampose_rt.scheduler.table`).
+"""
+
+from .config import SCHEDULER_NAMES, SchedulerConfig
+from .schedulers import (
+    BACKENDS,
+    DDIMScheduler,
+    DiffusionScheduler,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    SchedulerOutput,
+    create_scheduler,
+    native_core,
+    native_core_error,
+    resolve_backend,
+)
+from .table import (
+    COLUMNS,
+    MAX_HISTORY,
+    NUM_COLUMNS,
+    StepState,
+    TableInfo,
+    guidance_combine_ref,
+    table_step_ref,
+)
+
+__all__ = [
+    "BACKENDS",
+    "COLUMNS",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DiffusionScheduler",
+    "MAX_HISTORY",
+    "NUM_COLUMNS",
+    "PNDMScheduler",
+    "SCHEDULER_NAMES",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "StepState",
+    "TableInfo",
+    "create_scheduler",
+    "guidance_combine_ref",
+    "native_core",
+    "native_core_error",
+    "resolve_backend",
+    "table_step_ref",
+]

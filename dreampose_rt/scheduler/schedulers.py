@@ -1,0 +1,407 @@
+"""PNDM, DDIM and DPM-Solver++ with diffusers' interface, backed by the C++ core (or Python).
+
+A scheduler owns a *plan* for the current run: the timesteps and the coefficient table
+(:mod:`dreampose_rt.scheduler.table`). ``step`` applies row ``k`` of that table:
+
+- backend "cpp": the C++ data plane (one pass, multithreaded) for CPU fp32/fp16 tensors; tensors on
+  other devices use the PyTorch table step with the same coefficients;
+- backend "python": the plan is built in Python and applied with :func:`table_step_ref`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from .. import _ext
+from . import _reference
+from .config import SchedulerConfig
+from .table import COLUMNS, NUM_COLUMNS, StepState, TableInfo, guidance_combine_ref, table_step_ref
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cpp", "python")
+_warned_fallback = False
+
+
+def native_core() -> Any | None:
+    """The extension module if it is loaded and its table layout matches :data:`COLUMNS`."""
+    mod = _ext.load_extension()
+    if mod is None or not hasattr(mod, "scheduler_make_plan"):
+        return None
+    if tuple(mod.scheduler_table_columns()) != COLUMNS:
+        return None
+    return mod
+
+
+def native_core_error() -> str | None:
+    """Why :func:`native_core` is ``None`` (``None`` when it is available)."""
+    mod = _ext.load_extension()
+    if mod is None:
+        return _ext.extension_error()
+    if not hasattr(mod, "scheduler_make_plan"):
+        return "dreampose_rt._C was built without the scheduler"
+    cols = tuple(mod.scheduler_table_columns())
+    if cols != COLUMNS:
+        return f"table layout of the extension {cols} differs from dreampose_rt.scheduler.table.COLUMNS"
+    return None
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """"cpp" or "python" for a requested backend; "auto" falls back to Python with one warning."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
+    if backend == "python":
+        return "python"
+    if native_core() is not None:
+        return "cpp"
+    if backend == "cpp":
+        raise ValueError(f"backend='cpp' requested but the extension is unavailable: {native_core_error()}")
+    if not _warned_fallback:
+        _warned_fallback = True
+        logger.warning(
+            "dreampose_rt._C is unavailable (%s); schedulers use the pure-Python implementation", native_core_error()
+        )
+    return "python"
+
+
+@dataclass
+class SchedulerOutput:
+    """Result of :meth:`DiffusionScheduler.step`. prev_sample: the next sample, shape and dtype of the input."""
+
+    prev_sample: torch.Tensor
+
+
+def _native_config(mod: Any, cfg: SchedulerConfig) -> Any:
+    c = mod.SchedulerConfig()
+    c.kind = cfg.scheduler
+    for name in (
+        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "timestep_spacing",
+        "steps_offset", "set_alpha_to_one", "skip_prk_steps", "solver_order", "solver_type", "lower_order_final",
+        "euler_at_final", "final_sigmas_type",
+    ):  # fmt: skip
+        setattr(c, name, getattr(cfg, name))
+    return c
+
+
+class DiffusionScheduler:
+    """Base class: the interface of diffusers' schedulers over a precomputed run plan."""
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 1  # model evaluations per timestep, as diffusers reports it
+    init_noise_sigma: float = 1.0
+
+    def __init__(
+        self, config: SchedulerConfig | Mapping[str, Any] | None = None, *, backend: str = "auto", **overrides: Any
+    ) -> None:
+        if isinstance(config, SchedulerConfig):
+            if config.scheduler != self.name:
+                raise ValueError(f"config is for scheduler {config.scheduler!r}, not {self.name!r}")
+            cfg = config.replace(**overrides) if overrides else config
+        else:
+            cfg = SchedulerConfig.create(self.name, config, **overrides)
+        self._config = cfg
+        self._backend = resolve_backend(backend)
+        self._native = native_core() if self._backend == "cpp" else None
+        self._native_cfg = _native_config(self._native, cfg) if self._native is not None else None
+        self._plan: Any = None
+        self._table: torch.Tensor | None = None
+        self._rows: list[list[float]] = []
+        self._timesteps_list: list[int] = []
+        self._timesteps_set: frozenset[int] = frozenset()
+        self.timesteps: torch.Tensor = torch.empty(0, dtype=torch.int64)
+        self.num_inference_steps: int | None = None
+        self._step_index: int | None = None
+        self._state: StepState | None = None
+        self._state_key: tuple | None = None
+        self._state_np: dict[str, Any] = {}
+
+    # -- construction helpers -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: SchedulerConfig | Mapping[str, Any], **kwargs: Any) -> "DiffusionScheduler":
+        """Build from a :class:`SchedulerConfig` or a diffusers-style dict (of any of the three classes)."""
+        if isinstance(config, SchedulerConfig):
+            config = {k: v for k, v in config.to_dict().items() if k != "scheduler"}
+        return cls(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "DiffusionScheduler":
+        """Build from a scheduler_config.json or a model folder (``<folder>/scheduler/scheduler_config.json``)."""
+        backend = kwargs.pop("backend", "auto")
+        return cls(SchedulerConfig.from_file(path, scheduler=cls.name, **kwargs), backend=backend)
+
+    def save_config(self, path: str | os.PathLike) -> str:
+        """Write the config as JSON (``path``: a file or a folder); returns the file written."""
+        return self._config.save(path)
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._config
+
+    @property
+    def backend(self) -> str:
+        """"cpp" (C++ plan and CPU data plane) or "python"."""
+        return self._backend
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step in the run (``None`` before :meth:`set_timesteps`)."""
+        return self._step_index
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """``(num_train_timesteps,)`` float32."""
+        if self._native is not None:
+            return torch.tensor(self._native.scheduler_alphas_cumprod(self._native_cfg), dtype=torch.float32)
+        return torch.from_numpy(_reference.alphas_cumprod(self._config))
+
+    # -- the run --------------------------------------------------------------------------------
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Plan a run of ``num_inference_steps`` and reset the state. ``device``: where ``timesteps`` lives."""
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+        if self._native is not None:
+            plan = self._native.scheduler_make_plan(self._native_cfg, num_inference_steps)
+            n = len(plan.timesteps)
+            table = torch.frombuffer(bytearray(plan.table()), dtype=torch.float32).reshape(n, NUM_COLUMNS)
+        else:
+            plan = _reference.make_plan(self._config, num_inference_steps)
+            table = plan.table
+        self._plan = plan
+        self._table = table
+        self._info = TableInfo(plan.num_history_slots, plan.uses_saved_sample, plan.uses_accumulator)
+        self._rows = table.tolist()
+        self._timesteps_list = list(plan.timesteps)
+        self._timesteps_set = frozenset(self._timesteps_list)
+        self.timesteps = torch.tensor(self._timesteps_list, dtype=torch.int64, device=device)
+        self.num_inference_steps = num_inference_steps
+        self._step_index = 0
+        self._state = None
+        self._state_key = None
+        self._state_np = {}
+
+    def coefficient_table(self) -> torch.Tensor:
+        """The run's table ``(len(timesteps), NUM_COLUMNS)`` float32 (layout: :mod:`.table`)."""
+        if self._table is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps before coefficient_table")
+        return self._table.clone()
+
+    @property
+    def table_info(self) -> TableInfo:
+        """Buffers the run's table needs (history slots, saved sample, accumulator)."""
+        if self._table is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps before table_info")
+        return self._info
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Identity for these schedulers (kept for interchangeability with diffusers)."""
+        return sample
+
+    def _check_timestep(self, timestep: int | torch.Tensor) -> int:
+        if self._step_index is None:
+            raise ValueError(f"{type(self).__name__}: step called before set_timesteps")
+        try:
+            t = int(timestep)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"timestep {timestep!r} is not an integer timestep") from exc
+        if t != timestep:
+            raise ValueError(f"timestep {timestep!r} is not an integer timestep")
+        k = self._step_index
+        if k >= len(self._timesteps_list):
+            raise ValueError(f"the run of {len(self._timesteps_list)} steps is over; call set_timesteps again")
+        if t != self._timesteps_list[k]:
+            if t not in self._timesteps_set:
+                raise ValueError(
+                    f"timestep {t} is not in the schedule ({len(self._timesteps_list)} steps from "
+                    f"{self._timesteps_list[0]} to {self._timesteps_list[-1]})"
+                )
+            raise ValueError(f"timestep {t} is out of order: step {k} of the run is timestep {self._timesteps_list[k]}")
+        return k
+
+    def _state_for(self, sample: torch.Tensor) -> StepState:
+        key = (tuple(sample.shape), sample.device)
+        if self._state is None:
+            self._state = StepState.allocate(self._info, sample.shape, sample.device)
+            self._state_key = key
+            self._state_np = {}
+            if sample.device.type == "cpu":
+                for name in ("history", "saved_sample", "accumulator"):
+                    buf = getattr(self._state, name)
+                    self._state_np[name] = buf.numpy() if buf is not None else None
+        elif key != self._state_key:
+            raise ValueError(
+                f"sample shape {tuple(sample.shape)} on {sample.device} differs from the run's "
+                f"{self._state_key[0]} on {self._state_key[1]}"
+            )
+        return self._state
+
+    def _apply(
+        self,
+        k: int,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        scale_image: torch.Tensor | None,
+        scale_pose: torch.Tensor | None,
+    ) -> torch.Tensor:
+        state = self._state_for(sample)
+        if (
+            self._native is not None
+            and sample.device.type == "cpu"
+            and model_output.device.type == "cpu"
+            and sample.dtype in (torch.float32, torch.float16)
+        ):
+            x = sample.detach().contiguous()
+            m = model_output.detach().contiguous()
+            out = torch.empty_like(x)
+            np_state = self._state_np
+            self._plan.step(
+                k,
+                out.numpy(),
+                x.numpy(),
+                m.numpy(),
+                np_state["history"],
+                np_state["saved_sample"],
+                np_state["accumulator"],
+                scale_image.numpy() if scale_image is not None else None,
+                scale_pose.numpy() if scale_pose is not None else None,
+            )
+            return out
+        if scale_image is not None:
+            model_output = guidance_combine_ref(model_output, scale_image, scale_pose)
+        return table_step_ref(self._rows[k], model_output, sample, state)
+
+    @staticmethod
+    def _check_pair(model_output: torch.Tensor, sample: torch.Tensor, rows: int) -> None:
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            raise ValueError("model_output and sample must be torch tensors")
+        if model_output.dtype != sample.dtype:
+            raise ValueError(f"model_output dtype {model_output.dtype} differs from sample dtype {sample.dtype}")
+        if not sample.is_floating_point():
+            raise ValueError(f"sample dtype {sample.dtype} is not a floating point type")
+        want = (rows * sample.shape[0],) + tuple(sample.shape[1:]) if sample.dim() else tuple(sample.shape)
+        if tuple(model_output.shape) != want:
+            raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape "
+                             f"{tuple(sample.shape)} (expected {want})")
+        if model_output.device != sample.device:
+            raise ValueError(f"model_output is on {model_output.device}, sample on {sample.device}")
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """One denoising step: the sample at the previous (less noisy) timestep.
+
+        model_output: the model's prediction, same shape and dtype as ``sample`` (e.g. ``(B, 4, H, W)``).
+        timestep: the run's current timestep (``timesteps[step_index]``).
+        sample: the current sample ``(B, 4, H, W)``, fp32 or fp16.
+        Returns ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``; prev_sample: shape and dtype of ``sample``.
+        """
+        k = self._check_timestep(timestep)
+        self._check_pair(model_output, sample, 1)
+        prev = self._apply(k, model_output, sample, None, None)
+        self._step_index = k + 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def step_guided(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        guidance_scale_image: float | torch.Tensor,
+        guidance_scale_pose: float | torch.Tensor,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """Three-branch guidance combine fused with :meth:`step` (one pass over memory on the CPU).
+
+        model_output: ``(3F, C, H, W)`` branch-major: rows ``[0:F]`` e00 (null image, null pose),
+            ``[F:2F]`` eIP (image + pose), ``[2F:3F]`` eI0 (image, null pose).
+        sample: ``(F, C, H, W)``. guidance_scale_image (s_I), guidance_scale_pose (s_p): floats or ``(F,)``.
+        The guided output is ``e00 + s_I * (eI0 - e00) + s_p * (eIP - eI0)``.
+        Returns prev_sample ``(F, C, H, W)`` like :meth:`step`.
+        """
+        k = self._check_timestep(timestep)
+        if sample.dim() < 1:
+            raise ValueError("sample must have a frame dimension")
+        self._check_pair(model_output, sample, 3)
+        frames = sample.shape[0]
+        on_cpu = sample.device.type == "cpu"
+        scales = []
+        for name, s in (("guidance_scale_image", guidance_scale_image), ("guidance_scale_pose", guidance_scale_pose)):
+            if isinstance(s, (int, float)) and not isinstance(s, bool):
+                t = torch.full((frames,), float(s), dtype=torch.float32, device="cpu" if on_cpu else sample.device)
+            else:
+                t = torch.as_tensor(s).detach().to(dtype=torch.float32).reshape(-1)
+                if t.numel() == 1:
+                    t = t.expand(frames)
+                if t.numel() != frames:
+                    raise ValueError(f"{name} has {t.numel()} values; expected 1 or one per frame ({frames})")
+                t = t.to("cpu").contiguous() if on_cpu else t.to(sample.device)
+            scales.append(t)
+        prev = self._apply(k, model_output, sample, scales[0], scales[1])
+        self._step_index = k + 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def __len__(self) -> int:
+        return self._config.num_train_timesteps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self._backend!r}, config={self._config!r})"
+
+
+class PNDMScheduler(DiffusionScheduler):
+    """PNDM (Liu et al. 2022): PLMS with ``skip_prk_steps=True`` (Stable Diffusion), else 3 Runge-Kutta
+    steps (12 evaluations) first. Same timesteps and results as diffusers' PNDMScheduler."""
+
+    name = "pndm"
+
+
+class DDIMScheduler(DiffusionScheduler):
+    """DDIM (Song et al. 2021) with eta = 0 (deterministic), as diffusers' DDIMScheduler (no clipping)."""
+
+    name = "ddim"
+
+
+class DPMSolverMultistepScheduler(DiffusionScheduler):
+    """DPM-Solver++ multistep (Lu et al. 2022), order 1 or 2, as diffusers' DPMSolverMultistepScheduler
+    with ``algorithm_type="dpmsolver++"``."""
+
+    name = "dpmpp"
+
+
+SCHEDULERS: dict[str, type[DiffusionScheduler]] = {
+    "pndm": PNDMScheduler,
+    "ddim": DDIMScheduler,
+    "dpmpp": DPMSolverMultistepScheduler,
+}
+
+
+def create_scheduler(
+    name: str,
+    config: SchedulerConfig | Mapping[str, Any] | str | os.PathLike | None = None,
+    *,
+    backend: str = "auto",
+    **overrides: Any,
+) -> DiffusionScheduler:
+    """Create "pndm", "ddim" or "dpmpp" (aliases: "plms", "dpmsolver++", "dpm++").
+
+    config: ``None`` (diffusers defaults of that scheduler), a dict of diffusers options, a
+        :class:`SchedulerConfig`, or a path to a scheduler_config.json / model folder (options of
+        another scheduler class are carried over, as diffusers' ``from_config`` does).
+    overrides: options that replace the config's. backend: "auto", "cpp" or "python".
+    """
+    key = {"plms": "pndm", "dpmsolver++": "dpmpp", "dpm++": "dpmpp"}.get(name, name)
+    if key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r} (choose one of {', '.join(SCHEDULERS)})")
+    if isinstance(config, (str, os.PathLike)):
+        config = SchedulerConfig.from_file(config, scheduler=key)
+    if isinstance(config, SchedulerConfig) and config.scheduler != key:
+        config = {k: v for k, v in config.to_dict().items() if k != "scheduler"}
+    return SCHEDULERS[key](config, backend=backend, **overrides)

@@ -1,0 +1,514 @@
+"""The scheduler against diffusers (the oracle), C++ against Python, the table against the loop.
+
+"Relative error" below is ||a - b||_2 / ||b||_2 over the whole final sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from dreampose_rt.scheduler import (
+    COLUMNS,
+    NUM_COLUMNS,
+    SchedulerConfig,
+    StepState,
+    create_scheduler,
+    guidance_combine_ref,
+    native_core,
+    table_step_ref,
+)
+from dreampose_rt.scheduler import _reference, schedulers as sched_mod
+from dreampose_rt.scheduler.table import TableInfo
+
+HAVE_CPP = native_core() is not None
+BACKENDS = ["cpp", "python"]
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_PNDM = dict(SD, steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
+DIFFUSERS = {
+    "pndm": diffusers.PNDMScheduler,
+    "ddim": diffusers.DDIMScheduler,
+    "dpmpp": diffusers.DPMSolverMultistepScheduler,
+}
+SHAPE = (1, 4, 80, 64)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    err = ((a - b).norm() / b.norm()).item()
+    print(f"max abs diff {(a - b).abs().max().item():.3e}, relative L2 {err:.3e}")
+    return err
+
+
+def need(backend: str) -> None:
+    if backend == "cpp" and not HAVE_CPP:
+        pytest.fail("the extension dreampose_rt._C did not load: " + str(sched_mod.native_core_error()))
+
+
+def diffusers_scheduler(name: str, options: dict):
+    opts = dict(options)
+    if name == "ddim":
+        opts.setdefault("clip_sample", False)
+    return DIFFUSERS[name](**opts)
+
+
+def random_run(n: int, shape=SHAPE, seed: int = 0, rows: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    # PNDM runs n + 1 (PLMS) or n + 9 (Runge-Kutta warm-up) steps: a few spare outputs
+    outs = [torch.randn((shape[0] * rows,) + tuple(shape[1:]), generator=g) for _ in range(n + 10)]
+    return x, outs
+
+
+def run_diffusers(name, options, n, x, outs):
+    d = diffusers_scheduler(name, options)
+    d.set_timesteps(n)
+    for i, t in enumerate(d.timesteps):
+        x = d.step(outs[i], t, x).prev_sample
+    return x, d.timesteps.tolist()
+
+
+def run_ours(name, options, n, x, outs, backend):
+    s = create_scheduler(name, options, backend=backend)
+    s.set_timesteps(n)
+    for i, t in enumerate(s.timesteps):
+        x = s.step(outs[i], t, x).prev_sample
+    return x, s
+
+
+# ------------------------------------------------------------------------------------------------
+# Timesteps
+# ------------------------------------------------------------------------------------------------
+TIMESTEP_CASES = [
+    (name, spacing, offset, skip)
+    for name in ("pndm", "ddim", "dpmpp")
+    for spacing in ("leading", "trailing", "linspace")
+    for offset in (0, 1)
+    for skip in ((True, False) if name == "pndm" else (True,))
+]
+
+
+@pytest.mark.parametrize("name,spacing,offset,skip", TIMESTEP_CASES)
+def test_timesteps_identical_to_diffusers_for_1_to_1000_steps(name, spacing, offset, skip):
+    opts = dict(timestep_spacing=spacing, steps_offset=offset)
+    if name == "pndm":
+        opts["skip_prk_steps"] = skip
+    d = diffusers_scheduler(name, opts)
+    cfg = SchedulerConfig.create(name, opts)
+    cpp = native_core()
+    ncfg = sched_mod._native_config(cpp, cfg) if cpp is not None else None
+    for n in range(1, 1001):
+        try:
+            d.set_timesteps(n)
+            want = d.timesteps.tolist()
+        except ValueError:  # diffusers refuses PNDM's Runge-Kutta warm-up with n < 4 (as we do)
+            want = None
+        try:
+            got_py = _reference.timesteps(cfg, n)
+        except ValueError:
+            got_py = None
+        assert got_py == want, (n, got_py[:8] if got_py else got_py, want[:8] if want else want)
+        if cpp is not None:
+            try:
+                got_cpp = cpp.scheduler_timesteps(ncfg, n)
+            except ValueError:
+                got_cpp = None
+            assert got_cpp == want, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["pndm", "ddim", "dpmpp"])
+def test_set_timesteps_gives_diffusers_timesteps(backend, name):
+    need(backend)
+    opts = SD_PNDM if name == "pndm" else SD
+    s = create_scheduler(name, opts, backend=backend)
+    d = diffusers_scheduler(name, opts)
+    for n in (1, 2, 3, 7, 20, 25, 50, 100, 250):
+        s.set_timesteps(n)
+        d.set_timesteps(n)
+        assert s.timesteps.dtype == torch.int64
+        assert s.timesteps.tolist() == d.timesteps.tolist()
+        assert s.coefficient_table().shape == (len(d.timesteps), NUM_COLUMNS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_alphas_cumprod_bit_identical(backend, schedule):
+    need(backend)
+    s = create_scheduler("ddim", beta_schedule=schedule, backend=backend)
+    d = diffusers.DDIMScheduler(beta_schedule=schedule)
+    assert torch.equal(s.alphas_cumprod, d.alphas_cumprod)
+
+
+# ------------------------------------------------------------------------------------------------
+# Full runs against diffusers
+# ------------------------------------------------------------------------------------------------
+RUN_CASES = {
+    "pndm-plms-100": ("pndm", SD_PNDM, 100),
+    "pndm-plms-100-v": ("pndm", dict(SD_PNDM, prediction_type="v_prediction"), 100),
+    "pndm-prk-100": ("pndm", dict(SD_PNDM, skip_prk_steps=False), 100),
+    "pndm-plms-7-trailing": ("pndm", dict(SD_PNDM, timestep_spacing="trailing"), 7),
+    "pndm-plms-1": ("pndm", SD_PNDM, 1),
+    "ddim-50": ("ddim", dict(SD, steps_offset=1, set_alpha_to_one=False), 50),
+    "ddim-50-v": ("ddim", dict(SD, prediction_type="v_prediction"), 50),
+    "ddim-20-linspace": ("ddim", dict(SD, timestep_spacing="linspace"), 20),
+    "dpmpp-25": ("dpmpp", SD, 25),
+    "dpmpp-25-v": ("dpmpp", dict(SD, prediction_type="v_prediction"), 25),
+    "dpmpp-10-lower-order-final": ("dpmpp", SD, 10),
+    "dpmpp-8-sigma-min-no-lof": ("dpmpp", dict(SD, final_sigmas_type="sigma_min", lower_order_final=False), 8),
+    "dpmpp-20-heun-trailing": ("dpmpp", dict(SD, solver_type="heun", timestep_spacing="trailing"), 20),
+    "dpmpp-15-order1-leading": ("dpmpp", dict(SD, solver_order=1, timestep_spacing="leading", steps_offset=1), 15),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_full_run_matches_diffusers(backend, case):
+    need(backend)
+    name, opts, n = RUN_CASES[case]
+    x, outs = random_run(n)
+    want, ts = run_diffusers(name, opts, n, x, outs)
+    got, s = run_ours(name, opts, n, x, outs, backend)
+    assert s.timesteps.tolist() == ts
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert rel(got, want) <= 1e-6
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="compares the two backends; the extension did not load")
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_cpp_and_python_agree(case):
+    name, opts, n = RUN_CASES[case]
+    a = create_scheduler(name, opts, backend="cpp")
+    b = create_scheduler(name, opts, backend="python")
+    a.set_timesteps(n)
+    b.set_timesteps(n)
+    assert a.timesteps.tolist() == b.timesteps.tolist()
+    assert torch.equal(a.coefficient_table(), b.coefficient_table())  # the same plan, bit for bit
+    x, outs = random_run(n, shape=(2, 4, 24, 20), seed=1)
+    ya, yb = x, x
+    for i, t in enumerate(a.timesteps):
+        ya = a.step(outs[i], t, ya).prev_sample
+        yb = b.step(outs[i], t, yb).prev_sample
+    assert rel(ya, yb) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# The coefficient table
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["pndm-plms-100", "pndm-prk-100", "ddim-50", "dpmpp-25", "dpmpp-10-lower-order-final"])
+def test_table_driven_step_reproduces_the_loop(backend, case):
+    """Only the table row and the buffers: no scheduler object in the loop. The state buffers start
+    as NaN, so reading a slot before it is written (or a zero-weight term) would poison the result."""
+    need(backend)
+    name, opts, n = RUN_CASES[case]
+    s = create_scheduler(name, opts, backend=backend)
+    s.set_timesteps(n)
+    table = s.coefficient_table()
+    info = TableInfo.of(table)
+    assert info == s.table_info
+    x, outs = random_run(n, shape=(1, 4, 16, 12), seed=2)
+    state = StepState.allocate(info, x.shape, "cpu")
+    for buf in (state.history, state.saved_sample, state.accumulator):
+        if buf is not None:
+            buf.fill_(float("nan"))
+    y = x
+    for k in range(table.shape[0]):
+        y = table_step_ref(table[k], outs[k], y, state)
+    assert torch.isfinite(y).all()
+    want, _ = run_diffusers(name, opts, n, x, outs)
+    assert rel(y, want) <= 1e-6
+    loop = x
+    for k, t in enumerate(s.timesteps):
+        loop = s.step(outs[k], t, loop).prev_sample
+    assert rel(y, loop) <= 1e-6
+    assert torch.equal(table[:, 0].long(), s.timesteps)
+
+
+def test_table_layout_is_shared_with_cpp():
+    if not HAVE_CPP:
+        pytest.fail("the extension did not load: " + str(sched_mod.native_core_error()))
+    assert tuple(native_core().scheduler_table_columns()) == COLUMNS
+    assert NUM_COLUMNS == len(COLUMNS) == 15
+
+
+def test_table_marks_pndm_buffers():
+    s = create_scheduler("pndm", SD_PNDM, backend="python")
+    s.set_timesteps(10)
+    t = s.coefficient_table()
+    info = s.table_info
+    assert info.num_history_slots == 3 and info.uses_saved_sample and not info.uses_accumulator
+    assert t[0, COLUMNS.index("save_sample")] == 1 and t[1, COLUMNS.index("os")] != 0  # PLMS step 1 restarts from S
+    assert (t[-1, COLUMNS.index("write_slot")] == -1).item()
+    prk = create_scheduler("pndm", dict(SD_PNDM, skip_prk_steps=False), backend="python")
+    prk.set_timesteps(10)
+    assert prk.table_info.uses_accumulator
+    ddim = create_scheduler("ddim", SD, backend="python")
+    ddim.set_timesteps(10)
+    assert ddim.table_info == TableInfo(0, False, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Guidance + step fused
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,frames,per_frame", [("pndm", 1, False), ("pndm", 3, True), ("dpmpp", 2, False), ("ddim", 3, True)])
+def test_fused_guidance_equals_combine_then_step(backend, name, frames, per_frame):
+    need(backend)
+    n = 12
+    opts = SD_PNDM if name == "pndm" else SD
+    shape = (frames, 4, 20, 16)
+    x, outs = random_run(n, shape=shape, seed=3, rows=3)
+    s_i = torch.linspace(1.5, 7.5, frames) if per_frame else 7.5
+    s_p = torch.linspace(0.5, 3.0, frames) if per_frame else 2.0
+    fused = create_scheduler(name, opts, backend=backend)
+    plain = create_scheduler(name, opts, backend=backend)
+    fused.set_timesteps(n)
+    plain.set_timesteps(n)
+    a = b = x
+    for k, t in enumerate(fused.timesteps):
+        a = fused.step_guided(outs[k], t, a, s_i, s_p).prev_sample
+        b = plain.step(guidance_combine_ref(outs[k], s_i, s_p), t, b).prev_sample
+    assert rel(a, b) <= 1e-6
+
+
+def test_guidance_combine_ref_is_the_projects_formula():
+    f = 2
+    e = torch.randn(3 * f, 4, 3, 3)
+    e00, eip, ei0 = e[:f], e[f : 2 * f], e[2 * f :]
+    want = e00 + 5.0 * (ei0 - e00) + 1.5 * (eip - ei0)
+    assert torch.allclose(guidance_combine_ref(e, 5.0, 1.5), want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp16
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["pndm", "ddim", "dpmpp"])
+def test_fp16_inputs(backend, name):
+    """fp16 in, fp16 out, fp32 arithmetic: a run on fp16 tensors stays within fp16 rounding of fp32."""
+    need(backend)
+    n = 20
+    opts = SD_PNDM if name == "pndm" else SD
+    x, outs = random_run(n, shape=(2, 4, 16, 12), seed=4, rows=3)
+    x = x.half().float()
+    outs = [o.half() for o in outs]
+    s16 = create_scheduler(name, opts, backend=backend)
+    s32 = create_scheduler(name, opts, backend=backend)
+    s16.set_timesteps(n)
+    s32.set_timesteps(n)
+    a, b = x.half(), x
+    for k, t in enumerate(s16.timesteps):
+        a = s16.step_guided(outs[k], t, a, 6.0, 2.5).prev_sample
+        assert a.dtype == torch.float16
+        b = s32.step_guided(outs[k].float(), t, b, 6.0, 2.5).prev_sample
+        b = b.half().float()  # round like the fp16 run, so only the arithmetic differs
+    assert rel(a.float(), b) <= 5e-3
+
+
+def test_half_conversions_are_exact():
+    if not HAVE_CPP:
+        pytest.fail("the extension did not load: " + str(sched_mod.native_core_error()))
+    C = native_core()
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    f = np.empty(65536, np.float32)
+    C.convert_half_to_float(h, f)
+    want = h.astype(np.float32)
+    assert np.array_equal(f.view(np.uint32), want.view(np.uint32))
+    finite = want[np.isfinite(want)]
+    up = np.nextafter(finite, np.float32(np.inf))
+    mid = ((finite.astype(np.float64) + up) / 2).astype(np.float32)  # ties: round to even
+    vals = np.concatenate([finite, up, mid, np.float32([np.inf, -np.inf, 65519.0, 65520.0, 1e-8, -3e-8])])
+    out = np.empty(len(vals), np.float16)
+    C.convert_float_to_half(vals, out)
+    assert np.array_equal(out.view(np.uint16), vals.astype(np.float16).view(np.uint16))
+    assert C.float_to_half(1.0) == 0x3C00 and C.half_to_float(0x3C00) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+def test_config_from_model_folder_and_save_reload(tmp_path):
+    src = "/work/shared/configs/sd15/scheduler_config.json"
+    model = tmp_path / "model" / "scheduler"
+    model.mkdir(parents=True)
+    with open(src) as fh:
+        data = json.load(fh)
+    (model / "scheduler_config.json").write_text(json.dumps(data))
+    a = create_scheduler("pndm", tmp_path / "model")
+    assert a.config.skip_prk_steps and a.config.steps_offset == 1 and a.config.beta_schedule == "scaled_linear"
+    path = a.save_config(tmp_path)
+    b = create_scheduler("pndm", path)
+    assert b.config == a.config
+    with pytest.raises(dataclasses_frozen_error()):
+        a.config.steps_offset = 3  # type: ignore[misc]
+    x, outs = random_run(10)
+    ya, _ = run_ours("pndm", a.config, 10, x, outs, "auto")
+    yb, _ = run_ours("pndm", b.config, 10, x, outs, "auto")
+    assert torch.equal(ya, yb)
+    # diffusers reads the saved file back to the same schedule
+    d = diffusers.PNDMScheduler.from_config(json.loads(open(path).read()))
+    d.set_timesteps(10)
+    b.set_timesteps(10)
+    assert d.timesteps.tolist() == b.timesteps.tolist()
+    # a DDIM from the PNDM config keeps the file's options (like diffusers' from_config)
+    ddim = create_scheduler("ddim", tmp_path / "model")
+    assert ddim.config.set_alpha_to_one is False and ddim.config.scheduler == "ddim"
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_scheduler_defaults_follow_diffusers():
+    assert create_scheduler("ddim").config.set_alpha_to_one is True
+    assert create_scheduler("pndm").config.set_alpha_to_one is False
+    assert create_scheduler("dpmpp").config.timestep_spacing == "linspace"
+    assert create_scheduler("dpm++").config.scheduler == "dpmpp"
+    s = create_scheduler("pndm")
+    x = torch.randn(1, 4, 8, 8)
+    assert s.scale_model_input(x, 10) is x and s.init_noise_sigma == 1.0 and s.order == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: create_scheduler("euler"), "euler"),
+        (lambda: create_scheduler("pndm", foo=1), "foo"),
+        (lambda: create_scheduler("pndm", timestep_spacing="sideways"), "sideways"),
+        (lambda: create_scheduler("ddim", clip_sample=True), "clip_sample"),
+        (lambda: create_scheduler("dpmpp", thresholding=True), "thresholding"),
+        (lambda: create_scheduler("dpmpp", algorithm_type="sde-dpmsolver++"), "algorithm_type"),
+        (lambda: create_scheduler("dpmpp", solver_order=3), "solver_order"),
+        (lambda: create_scheduler("pndm", backend="cuda"), "cuda"),
+        (lambda: create_scheduler("pndm").set_timesteps(0), "num_inference_steps"),
+        (lambda: create_scheduler("pndm").set_timesteps(1001), "1001"),
+        (lambda: create_scheduler("pndm", skip_prk_steps=False).set_timesteps(3), ">= 4"),
+        (lambda: create_scheduler("dpmpp").set_timesteps(1000), "repeated timestep"),
+    ],
+)
+def test_errors_name_the_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_errors(backend):
+    need(backend)
+    s = create_scheduler("pndm", SD_PNDM, backend=backend)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="before set_timesteps"):
+        s.step(x, 981, x)
+    s.set_timesteps(10)
+    t0 = int(s.timesteps[0])
+    with pytest.raises(ValueError, match="timestep 5 is not in the schedule"):
+        s.step(x, 5, x)
+    with pytest.raises(ValueError, match=f"timestep {int(s.timesteps[3])} is out of order"):
+        s.step(x, int(s.timesteps[3]), x)
+    with pytest.raises(ValueError, match=r"model_output shape \(2, 4, 8, 9\)"):
+        s.step(torch.randn(2, 4, 8, 9), t0, x)
+    with pytest.raises(ValueError, match="dtype torch.float16 differs"):
+        s.step(x.half(), t0, x)
+    with pytest.raises(ValueError, match=r"expected \(6, 4, 8, 8\)"):
+        s.step_guided(x, t0, x, 7.5, 2.0)
+    with pytest.raises(ValueError, match="guidance_scale_pose has 3 values"):
+        s.step_guided(torch.randn(6, 4, 8, 8), t0, x, 7.5, torch.ones(3))
+    s.step(x, torch.tensor(t0), x)  # a 0-d tensor timestep is fine; the run advances
+    assert s.step_index == 1
+    with pytest.raises(ValueError, match="differs from the run"):
+        s.step(torch.randn(1, 4, 8, 8), int(s.timesteps[1]), torch.randn(1, 4, 8, 8))
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="checks the C++ binding's own argument checks")
+def test_binding_checks_name_the_argument():
+    s = create_scheduler("ddim", SD, backend="cpp")
+    s.set_timesteps(5)
+    x = np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match="model_output has 8 elements"):
+        s._plan.step(0, np.zeros(16, np.float32), x, np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match="sample: dtype must be"):
+        s._plan.step(0, x, np.zeros(16, np.float64), x)
+    with pytest.raises(ValueError, match="step index 9"):
+        s._plan.step(9, x, x, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Without the extension
+# ------------------------------------------------------------------------------------------------
+def test_missing_extension_warns_once_and_falls_back(monkeypatch, caplog):
+    from dreampose_rt import _ext
+
+    monkeypatch.setattr(_ext, "_tried", True)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", "ImportError: simulated")
+    monkeypatch.setattr(sched_mod, "_warned_fallback", False)
+    with caplog.at_level(logging.WARNING, logger="dreampose_rt.scheduler.schedulers"):
+        a = create_scheduler("pndm", SD_PNDM)
+        b = create_scheduler("dpmpp", SD)
+    assert a.backend == b.backend == "python"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "simulated" in warnings[0].getMessage()
+    with pytest.raises(ValueError, match="simulated"):
+        create_scheduler("pndm", backend="cpp")
+
+
+def test_missing_extension_in_a_fresh_process():
+    code = r"""
+import logging, sys, io
+sys.modules["dreampose_rt._C"] = None  # any import of the extension now fails
+stream = io.StringIO()
+logging.basicConfig(stream=stream, level=logging.WARNING)
+import torch
+from dreampose_rt.scheduler import create_scheduler
+s = create_scheduler("pndm", skip_prk_steps=True)
+s2 = create_scheduler("ddim")
+s.set_timesteps(5)
+x = torch.randn(1, 4, 8, 8)
+for t in s.timesteps:
+    x = s.step(torch.randn(1, 4, 8, 8), t, x).prev_sample
+print(s.backend, s2.backend, stream.getvalue().count("WARNING"), bool(torch.isfinite(x).all()))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["python", "python", "1", "True"]
+
+
+def test_info_reports_the_extension(capsys):
+    from dreampose_rt import info
+
+    assert info.main([]) == 0
+    text = capsys.readouterr().out
+    assert "extension" in text and "torch" in text
+    if HAVE_CPP:
+        assert "loaded" in text and "-O3" in text and "pybind11" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (the runtime may step on the device through the PyTorch path)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_tensors_use_the_torch_path():
+    n = 20
+    x, outs = random_run(n, shape=(1, 4, 16, 16), seed=5)
+    want, _ = run_diffusers("dpmpp", SD, n, x, outs)
+    s = create_scheduler("dpmpp", SD)
+    s.set_timesteps(n, device="cuda")
+    y = x.cuda()
+    for k, t in enumerate(s.timesteps):
+        y = s.step(outs[k].cuda(), t, y).prev_sample
+    assert y.device.type == "cuda"
+    assert rel(y.cpu(), want) <= 1e-5
