@@ -18,6 +18,7 @@ window clamps to the nearest existing frame at the ends; outputs are not min-max
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -204,7 +205,7 @@ class DreamPosePipeline:
         calls_per_batch = len(probe.timesteps)
         batches = [frames[i : i + frames_per_batch] for i in range(0, len(frames), frames_per_batch)]
         bar = tqdm(total=len(batches) * calls_per_batch, unit="step", disable=not progress, desc="rendering",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
         done = 0
         try:
             for batch in batches:

@@ -39,7 +39,8 @@ def write_frames(frames: np.ndarray, out: PathLike, fps: float = 8.0, quality: i
     """Write uint8 frames (T, H, W, 3) to ``out`` by its extension. Returns the path written.
 
     mp4: H.264 (libx264, yuv420p, constant quality ``quality`` as CRF); odd sizes are padded by one
-    black pixel since 4:2:0 needs even sizes. gif: looping, ``fps``. Folder: frame_00000.png, ...
+    black pixel since 4:2:0 needs even sizes. gif: looping, ``fps`` (Pillow merges identical consecutive
+    frames into one longer frame: the timing is kept). Folder: frame_00000.png, ...
     """
     frames = _check_frames(frames)
     if fps <= 0:

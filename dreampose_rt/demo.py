@@ -13,13 +13,13 @@ from dreampose.data.figure import Appearance, render_figure, render_sequence, wa
 from dreampose.model import DreamPoseModel
 
 DEMO_SEED = 0
-DEMO_HEIGHT = 128
-DEMO_WIDTH = 96
-DEMO_FRAMES = 16
+DEMO_HEIGHT = 96
+DEMO_WIDTH = 72
+DEMO_FRAMES = 12
 
 
 def demo_model(seed: int = DEMO_SEED) -> DreamPoseModel:
-    """The demo DreamPose: the tiny configuration at 128 x 96, random weights from ``seed``."""
+    """The demo DreamPose: the tiny configuration at 96 x 72, random weights from ``seed``."""
     return DreamPoseModel.tiny(seed=seed, height=DEMO_HEIGHT, width=DEMO_WIDTH)
 
 
