@@ -168,15 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules that register subcommands: each exposes ``add_parser(subparsers)`` and sets ``func``.
+PLUGIN_MODULES = (
+    "dreampose_rt.export.cli",  # build-engine
+    "dreampose.training.cli",  # train, finetune, data preparation
+)
+
+
 def _plugin_parsers() -> list[Callable]:
-    """Subcommands that live in other modules: each exposes ``add_parser(subparsers)`` and sets ``func``."""
+    """The ``add_parser`` functions of the plugin modules that import on this machine."""
+    import importlib
+
     registers = []
-    try:
-        from .export.cli import add_parser as add_build_engine
-    except ImportError as e:  # the export package is optional at import time (onnx may be missing)
-        logger.debug("build-engine unavailable: %s", e)
-    else:
-        registers.append(add_build_engine)
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:  # optional parts (onnx for build-engine) may be missing
+            if e.name is not None and name.startswith(e.name):
+                continue  # the module itself does not exist (yet)
+            logger.debug("%s unavailable: %s", name, e)
+            continue
+        registers.append(module.add_parser)
     return registers
 
 
