@@ -53,11 +53,6 @@ std::vector<double> np_arange(double start, double stop, double step) {
 
 int64_t np_round(double v) { return static_cast<int64_t>(std::nearbyint(v)); }  // half to even
 
-// Builds rows, tracking which history slot holds which past q.
-struct RowBuilder {
-  std::vector<StepRow> rows;
-};
-
 double alpha_at(const std::vector<float>& ac, int64_t t, const char* what) {
   if (t < 0 || t >= static_cast<int64_t>(ac.size())) {
     std::ostringstream os;

@@ -1,0 +1,134 @@
+"""Scheduler step timing: diffusers' PNDMScheduler.step vs ours vs ours fused with guidance.
+
+    python -m dreampose_rt.benchmarks.bench_scheduler [--frames 1 16] [--rounds 30] [--backend cpp]
+
+Interleaved (A B C A B C ...): each round runs one whole 100-step PNDM (SD 1.x config) loop per
+variant on the same inputs and records the mean time per step; the table gives medians over rounds
+and the ratio to diffusers. Results go to benchmarks/results/bench_scheduler_<device>_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+SD_PNDM = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+    set_alpha_to_one=False, skip_prk_steps=True,
+)  # fmt: skip
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _loop_time(step, timesteps) -> float:
+    t0 = time.perf_counter()
+    for t in timesteps:
+        step(t)
+    return (time.perf_counter() - t0) / len(timesteps)
+
+
+def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0)) -> dict:
+    import diffusers
+
+    from dreampose_rt.scheduler import create_scheduler, guidance_combine_ref
+
+    g = torch.Generator().manual_seed(0)
+    shape = (frames, 4, 80, 64)
+    x = torch.randn(shape, generator=g)
+    eps = torch.randn(shape, generator=g)
+    eps3 = torch.randn((3 * frames,) + shape[1:], generator=g)
+    ref = diffusers.PNDMScheduler(**SD_PNDM)
+    ours = create_scheduler("pndm", SD_PNDM, backend=backend)
+    fused = create_scheduler("pndm", SD_PNDM, backend=backend)
+    s_i, s_p = guidance
+
+    variants = {
+        "diffusers_step": (ref, lambda t: ref.step(eps, t, x)),
+        "diffusers_combine_then_step": (ref, lambda t: ref.step(guidance_combine_ref(eps3, s_i, s_p), t, x)),
+        "ours_step": (ours, lambda t: ours.step(eps, t, x)),
+        "ours_fused_combine_step": (fused, lambda t: fused.step_guided(eps3, t, x, s_i, s_p)),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (sched, fn) in variants.items():
+            sched.set_timesteps(steps)
+            ts = sched.timesteps.tolist()
+            dt = _loop_time(fn, ts)
+            if r:
+                samples[name].append(dt)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {
+        "shape": list(shape),
+        "elements": x.numel(),
+        "median_us_per_step": {k: v * 1e6 for k, v in med.items()},
+        "speedup_vs_diffusers_step": {
+            "ours_step": med["diffusers_step"] / med["ours_step"],
+            "ours_fused_combine_step": med["diffusers_step"] / med["ours_fused_combine_step"],
+            "ours_fused_vs_diffusers_combine_then_step": med["diffusers_combine_then_step"]
+            / med["ours_fused_combine_step"],
+        },
+        "rounds": rounds,
+        "steps_per_round": len(ts),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "python"])
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    args = p.parse_args(argv)
+
+    import diffusers
+
+    from dreampose_rt import _ext
+    from dreampose_rt.scheduler import create_scheduler
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    backend = create_scheduler("pndm", backend=args.backend).backend
+    ext = _ext.load_extension()
+    results = [bench(f, args.rounds, args.steps, args.backend) for f in args.frames]
+    record = {
+        "benchmark": "scheduler_step",
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "backend": backend,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "extension_build_flags": getattr(ext, "build_flags", None),
+            "extension_compiler": getattr(ext, "compiler", None),
+            "pybind11": getattr(ext, "pybind11_version", None),
+        },
+        "results": results,
+    }
+    print(f"PNDM {args.steps} steps, SD 1.x config, backend={backend}, medians of {args.rounds} interleaved rounds")
+    print(f"{'shape':>18} {'variant':>30} {'us/step':>10} {'vs diffusers step':>18}")
+    for r in results:
+        med = r["median_us_per_step"]
+        base = med["diffusers_step"]
+        for name, us in med.items():
+            print(f"{str(tuple(r['shape'])):>18} {name:>30} {us:10.1f} {base / us:17.1f}x")
+    path = args.out or os.path.join(
+        RESULTS, f"bench_scheduler_cpu_{datetime.date.today().isoformat()}.json"
+    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
