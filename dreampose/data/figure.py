@@ -1,9 +1,13 @@
 """A procedural articulated 2-D figure with exact DensePose-like U, V maps.
 
 Used by the embedded demo (a subject image and a walking pose sequence that need no downloads) and as
-the core of the synthetic training data. A figure is a set of capsules (head, torso, upper and lower
-arms and legs); for every pixel inside a part, U runs along the part's axis (0 at its first joint, 1 at
-its second) and V across it (0 on one edge, 1 on the other); outside the figure both are 0.
+the core of the synthetic training data (dreampose.data.synth). A figure is a set of capsules (head,
+torso, upper and lower arms and legs); for every pixel inside a part, U runs along the part's axis (0 at
+its first joint, 1 at its second) and V across it (0 on one edge, 1 on the other); outside the figure
+both are 0. The part map (``parts > 0``) is the silhouette.
+
+Motion: :func:`walk_cycle` walks in place; :func:`random_motion` mixes steps, arm swings, turns (the
+``facing`` of a pose moves smoothly from +1 through 0, front-on, to -1) and drift.
 """
 
 from __future__ import annotations
@@ -37,22 +41,36 @@ class Appearance:
     top: tuple[float, float, float] = (0.80, 0.20, 0.25)
     bottom: tuple[float, float, float] = (0.15, 0.20, 0.45)
     background: tuple[float, float, float] = (0.92, 0.92, 0.88)
-    stripes: int = 4  # stripes across the top garment (0 = plain)
+    stripes: int = 4  # frequency of the top's pattern (0 = plain)
     sleeves: str = "short"  # "short" or "long"
+    pattern: str = "stripes"  # the top's pattern: one of PATTERNS
+    bottom_pattern: str = "plain"  # the bottom garment's pattern: one of PATTERNS
+    backdrop: str = "gradient"  # one of BACKDROPS
+    background2: tuple[float, float, float] = (0.70, 0.75, 0.80)  # second backdrop colour
 
     @classmethod
     def random(cls, rng: np.random.Generator) -> "Appearance":
-        def colour() -> tuple[float, float, float]:
-            return tuple(float(c) for c in rng.uniform(0.05, 0.95, 3))  # type: ignore[return-value]
+        """A random subject: garment colours and patterns, skin tone, sleeves and backdrop."""
+
+        def colour(lo: float = 0.05, hi: float = 0.95) -> tuple[float, float, float]:
+            return tuple(float(c) for c in rng.uniform(lo, hi, 3))  # type: ignore[return-value]
 
         return cls(
             skin=tuple(float(c) for c in np.array([0.9, 0.7, 0.55]) * rng.uniform(0.45, 1.05)),  # type: ignore[arg-type]
             top=colour(),
             bottom=colour(),
-            background=tuple(float(c) for c in rng.uniform(0.5, 1.0, 3)),  # type: ignore[arg-type]
-            stripes=int(rng.integers(0, 7)),
+            background=colour(0.5, 1.0),
+            stripes=int(rng.integers(2, 8)),
             sleeves=str(rng.choice(["short", "long"])),
+            pattern=str(rng.choice(PATTERNS)),
+            bottom_pattern=str(rng.choice(PATTERNS)),
+            backdrop=str(rng.choice(BACKDROPS)),
+            background2=colour(0.3, 1.0),
         )
+
+
+PATTERNS = ("plain", "stripes", "checks", "dots")
+BACKDROPS = ("gradient", "split", "stripes", "vignette")
 
 
 @dataclass
@@ -112,8 +130,9 @@ def _joints(pose: Pose, height: int, width: int) -> tuple[dict[str, np.ndarray],
     j = {"pelvis": pelvis, "neck": neck}
     j["neck_top"] = step(neck, math.pi + pose.lean, 0.4 * unit)
     j["head_top"] = step(j["neck_top"], math.pi + pose.lean, 0.35 * unit)
+    spread = 0.06 + 0.3 * (1.0 - min(abs(pose.facing), 1.0))  # shoulders and hips widen when front-on
     for side in ("f", "b"):
-        off = 0.06 * unit * (1 if side == "f" else -1)
+        off = spread * unit * (1 if side == "f" else -1)
         j[f"shoulder_{side}"] = step(neck, math.pi + pose.lean, -0.1 * unit) + np.array([off, 0])
         sh = getattr(pose, f"shoulder_{side}")
         j[f"elbow_{side}"] = step(j[f"shoulder_{side}"], sh, 0.75 * unit)
@@ -155,9 +174,7 @@ def render_figure(
         uv[1][inside] = np.maximum(v[inside], 1e-3)
         parts[inside] = PART_INDEX[name]
 
-    image = np.empty((height, width, 3), np.float32)
-    grad = 0.85 + 0.15 * (yy / max(height - 1, 1))
-    image[:] = np.asarray(app.background, np.float32) * grad[..., None]
+    image = _backdrop(app, yy, xx, height, width)
     u, v = uv
     for name, *_ in PARTS:
         m = parts == PART_INDEX[name]
@@ -173,13 +190,100 @@ def render_figure(
             if name.startswith("upper_arm") and app.sleeves == "short":
                 colour = np.where(u[m, None] < 0.5, colour, np.asarray(app.skin, np.float32))
             elif app.stripes and name == "torso":
-                band = (np.floor(u[m] * app.stripes * 2) % 2)[:, None]
-                colour = colour * (1 - 0.35 * band)
+                colour = colour * (1 - 0.35 * _pattern(app.pattern, app.stripes, u[m], v[m]))[:, None]
         else:
             colour = np.asarray(app.bottom, np.float32)
+            if app.stripes:
+                colour = colour * (1 - 0.3 * _pattern(app.bottom_pattern, app.stripes, u[m], v[m]))[:, None]
         shade = 0.75 + 0.25 * np.sin(np.pi * v[m])
         image[m] = colour * shade[:, None]
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), uv, parts
+
+
+def _pattern(kind: str, freq: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A garment pattern in surface coordinates (it moves with the body): 1 = dark, 0 = light, shape of u."""
+    if kind == "plain":
+        return np.zeros_like(u)
+    if kind == "stripes":
+        return np.floor(u * freq * 2) % 2
+    if kind == "checks":
+        return (np.floor(u * freq * 2) + np.floor(v * 4)) % 2
+    if kind == "dots":
+        fu, fv = (u * freq * 2) % 1.0 - 0.5, (v * 4) % 1.0 - 0.5
+        return (fu * fu + fv * fv < 0.09).astype(np.float32)
+    raise ValueError(f"unknown pattern {kind!r}; choose one of {PATTERNS}")
+
+
+def _backdrop(app: Appearance, yy: np.ndarray, xx: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The background image (H, W, 3) float32 in [0, 1]."""
+    c1, c2 = np.asarray(app.background, np.float32), np.asarray(app.background2, np.float32)
+    ty, tx = yy / max(height - 1, 1), xx / max(width - 1, 1)
+    image = np.empty((height, width, 3), np.float32)
+    if app.backdrop == "gradient":
+        image[:] = c1 * (0.85 + 0.15 * ty)[..., None]
+    elif app.backdrop == "split":  # a wall and a floor
+        image[:] = np.where((ty > 0.78)[..., None], c2, c1 * (0.9 + 0.1 * ty)[..., None])
+    elif app.backdrop == "stripes":  # vertical panels
+        image[:] = np.where((np.floor(tx * 6) % 2 == 1)[..., None], c2, c1)
+    elif app.backdrop == "vignette":
+        r2 = (tx - 0.5) ** 2 + (ty - 0.45) ** 2
+        image[:] = c1 + (c2 - c1) * np.clip(r2 * 3.0, 0.0, 1.0)[..., None]
+    else:
+        raise ValueError(f"unknown backdrop {app.backdrop!r}; choose one of {BACKDROPS}")
+    return image
+
+
+def random_motion(
+    rng: np.random.Generator,
+    n_frames: int,
+    fps: float = 8.0,
+) -> list[Pose]:
+    """A smooth random motion of ``n_frames`` poses: steps, arm swings, turns and drift.
+
+    Every quantity is a smooth function of time (sums of sines and a smoothstep turn), so consecutive
+    frames differ a little, as in a fashion video. ``fps`` sets how far the motion gets per frame.
+    """
+    t = np.arange(n_frames, dtype=np.float64) / fps
+    step_hz = rng.uniform(0.4, 1.0)  # gait cycles per second
+    stride = rng.uniform(0.0, 0.5)  # 0 = standing, 0.5 = long steps
+    arm_amp = rng.uniform(0.1, 0.9)
+    arm_hz = rng.uniform(0.2, 0.8)
+    arm_phase = rng.uniform(0, 2 * np.pi, 2)
+    elbow = rng.uniform(0.0, 0.8)
+    scale = rng.uniform(0.85, 1.05)
+    x0 = rng.uniform(0.4, 0.6)
+    drift = rng.uniform(-0.15, 0.15)
+    start_facing = float(rng.choice([-1.0, 1.0]))
+    # A turn: facing goes smoothly from start to -start between turn_at and turn_at + turn_len seconds.
+    duration = max(t[-1], 1e-6) if n_frames > 1 else 1.0
+    turns = rng.random() < 0.6
+    turn_at, turn_len = rng.uniform(0.1, 0.6) * duration, rng.uniform(0.2, 0.5) * duration
+    poses = []
+    for k in range(n_frames):
+        a = 2 * np.pi * step_hz * t[k]
+        s = math.sin(a)
+        facing = start_facing
+        if turns:
+            x = min(max((t[k] - turn_at) / max(turn_len, 1e-6), 0.0), 1.0)
+            facing = start_facing * math.cos(math.pi * x * x * (3 - 2 * x))  # smoothstep through front-on
+        swing = [arm_amp * math.sin(2 * np.pi * arm_hz * t[k] + arm_phase[i]) for i in range(2)]
+        poses.append(
+            Pose(
+                x=x0 + drift * (t[k] / duration - 0.5),
+                scale=scale,
+                lean=0.04 * math.sin(2 * a),
+                shoulder_f=-stride * s + swing[0],
+                shoulder_b=stride * s + swing[1],
+                elbow_f=elbow + 0.25 * max(0.0, -s) * stride * 2,
+                elbow_b=elbow + 0.25 * max(0.0, s) * stride * 2,
+                hip_f=stride * s,
+                hip_b=-stride * s,
+                knee_f=-stride * max(0.0, -math.cos(a)),
+                knee_b=-stride * max(0.0, math.cos(a)),
+                facing=facing,
+            )
+        )
+    return poses
 
 
 def render_sequence(

@@ -1,0 +1,131 @@
+"""Turn a folder of videos (UBC Fashion's mp4 files) into the UBC training layout.
+
+    videos/<name>.mp4  ->  out/<name>/frame_<n>.png  (+ frame_<n>_densepose.npy when poses are given)
+
+Poses are produced elsewhere by DensePose (docs/training.md says how) and accepted per video as
+``poses/<name>/`` (a folder of ``frame_<n>_densepose.npy`` files or of IUV images) or ``poses/<name>.npy``
+/ ``.npz`` holding (T, 2, H, W). Without poses, only the frames are written (run DensePose on them, then
+add the .npy files beside the frames).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..poses import load_poses
+from ..utils import DreamPoseError, PathLike, atomic_dir
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+
+
+def read_video_frames(path: Path, every: int = 1, max_frames: int | None = None) -> list[np.ndarray]:
+    """Frames of a video file as uint8 (H, W, 3) arrays (every ``every``-th frame, at most ``max_frames``)."""
+    import imageio.v2 as imageio
+
+    frames: list[np.ndarray] = []
+    try:
+        reader = imageio.get_reader(str(path), format="FFMPEG")
+    except Exception as e:  # imageio raises several types for unreadable files
+        raise DreamPoseError(f"{path}: cannot open the video ({e})") from None
+    try:
+        for k, frame in enumerate(reader):
+            if k % every:
+                continue
+            frames.append(np.asarray(frame)[..., :3])
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    finally:
+        reader.close()
+    if not frames:
+        raise DreamPoseError(f"{path}: the video has no frames")
+    return frames
+
+
+def _find_poses(poses_root: Path, stem: str) -> Path:
+    for cand in (poses_root / stem, poses_root / f"{stem}.npy", poses_root / f"{stem}.npz"):
+        if cand.exists():
+            return cand
+    raise DreamPoseError(f"{poses_root / stem}: no poses for video {stem!r} (expected a folder, {stem}.npy or {stem}.npz)")
+
+
+def _resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def prepare_videos(
+    videos: PathLike,
+    out: PathLike,
+    poses: PathLike | None = None,
+    size: tuple[int, int] | None = None,
+    every: int = 1,
+    max_frames: int | None = None,
+) -> list[Path]:
+    """Write each video of ``videos`` (a folder of video files, or one file) as a UBC-layout folder under ``out``.
+
+    Args:
+        videos: a folder of .mp4 (.mov, .avi, .mkv, .webm) files or a single video file.
+        out: the dataset folder; each video becomes ``out/<stem>/`` (written atomically).
+        poses: a folder with one pose source per video (see the module docstring); poses must cover
+            the video's frames one for one, before ``every`` and ``max_frames`` are applied.
+        size: (H, W) to resize frames (and poses, bilinear) to; None keeps the video's size.
+        every: keep every ``every``-th frame. max_frames: stop after this many kept frames.
+
+    Returns the video folders written. Raises DreamPoseError naming the file for an unreadable video,
+    missing poses, or a pose count or size that does not match the video.
+    """
+    videos, out = Path(videos), Path(out)
+    if every < 1:
+        raise DreamPoseError(f"every must be >= 1, got {every}")
+    if videos.is_file():
+        files = [videos]
+    elif videos.is_dir():
+        files = sorted(p for p in videos.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not files:
+            raise DreamPoseError(f"{videos}: no video files ({', '.join(VIDEO_SUFFIXES)})")
+    else:
+        raise DreamPoseError(f"{videos}: videos not found")
+    poses_root = Path(poses) if poses is not None else None
+    if poses_root is not None and not poses_root.is_dir():
+        raise DreamPoseError(f"{poses_root}: poses folder not found")
+
+    written = []
+    for path in files:
+        pose_seq = None
+        if poses_root is not None:  # check the poses before the (slow) decoding
+            pose_path = _find_poses(poses_root, path.stem)
+            pose_seq = load_poses(pose_path)
+        frames = read_video_frames(path, every=1)
+        if pose_seq is not None and len(pose_seq) != len(frames):
+            raise DreamPoseError(f"{pose_path}: {len(pose_seq)} poses for the {len(frames)} frames of {path}")
+        keep = list(range(0, len(frames), every))[: max_frames]
+        frame_size = frames[0].shape[:2]
+        target = tuple(size) if size is not None else frame_size
+        if pose_seq is not None and pose_seq.shape[2:] != frame_size and size is None:
+            raise DreamPoseError(
+                f"{pose_path}: poses are {pose_seq.shape[2]} x {pose_seq.shape[3]} but the frames of {path} are "
+                f"{frame_size[0]} x {frame_size[1]} (give a size to resize both)"
+            )
+        folder = out / path.stem
+        with atomic_dir(folder) as tmp:
+            from PIL import Image
+
+            for n, k in enumerate(keep):
+                frame = frames[k] if tuple(frames[k].shape[:2]) == target else _resize_frame(frames[k], target)
+                Image.fromarray(frame).save(tmp / f"frame_{n}.png")
+                if pose_seq is not None:
+                    uv = torch.from_numpy(pose_seq[k : k + 1])
+                    if tuple(uv.shape[-2:]) != target:
+                        uv = F.interpolate(uv, size=target, mode="bilinear", align_corners=False)
+                    np.save(tmp / f"frame_{n}_densepose.npy", uv[0].numpy().astype(np.float32))
+        logger.info("%s: %d frames -> %s%s", path.name, len(keep), folder, "" if pose_seq is not None else " (frames only)")
+        written.append(folder)
+    return written
