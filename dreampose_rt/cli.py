@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -40,71 +39,39 @@ def parse_frames(spec: str, n_frames: int) -> list[int]:
     return list(range(start, stop))
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DreamPoseError(f"--device {name}: no CUDA device is available on this machine")
-    return name
-
-
 def cmd_animate(args: argparse.Namespace) -> int:
-    from dreampose.model import DreamPoseModel
-    from dreampose.pipeline import DreamPosePipeline
     from dreampose.poses import load_poses
-    from dreampose.video import output_kind, write_frames
+    from dreampose.video import output_kind
 
-    from .demo import demo_model, demo_poses, demo_subject
+    from .animate import RenderSettings, render_to_file
+    from .demo import demo_poses
+    from .runtime import Runtime
 
     if (args.image is None) != (args.poses is None):
         raise DreamPoseError("--image and --poses go together (give both, or neither for the demo)")
     output_kind(args.out)  # reject an unsupported output before any work
-    device = _device(args.device)
-    dtype = _dtype(args.precision)
-    if device == "cpu" and args.precision == "fp16":
-        raise DreamPoseError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-
-    if args.model is not None:
-        model = DreamPoseModel.from_pretrained(args.model, device=device, dtype=dtype)
-    else:
-        model = demo_model().to(device=device, dtype=dtype)
+    if args.image is not None and not Path(args.image).is_file():
+        raise DreamPoseError(f"{args.image}: image not found")
+    poses = load_poses(args.poses) if args.poses is not None else None
+    if args.model is None:
         logger.info("no --model: using the embedded demo model (random weights: it shows the pipeline, not the method)")
-    c = model.config
-    if args.image is None:
-        image, poses = demo_subject(c.height, c.width), demo_poses(height=c.height, width=c.width)
+    rt = Runtime.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
+                                 engines=args.engines)
+    c = rt.config
+    if poses is None:
+        poses = demo_poses(height=c.height, width=c.width)
         logger.info("no --image/--poses: rendering the embedded demo (%d frames)", len(poses))
-    else:
-        image, poses = args.image, load_poses(args.poses)
-    frames = parse_frames(args.frames, len(poses)) if args.frames else list(range(len(poses)))
-
-    pipe = DreamPosePipeline(model)
-    start = time.perf_counter()
-    out = pipe(
-        image,
-        poses,
-        steps=args.steps,
-        scheduler=args.scheduler,
-        s_image=args.s_image,
-        s_pose=args.s_pose,
-        seed=args.seed,
-        noise=args.noise,
-        frames=frames,
-        frames_per_batch=args.frames_per_batch,
-        progress=not args.quiet,
+    frames = parse_frames(args.frames, len(poses)) if args.frames else None
+    settings = RenderSettings(
+        steps=args.steps, scheduler=args.scheduler, s_image=args.s_image, s_pose=args.s_pose, seed=args.seed,
+        noise=args.noise, frames_per_batch=args.frames_per_batch,
     )
-    elapsed = time.perf_counter() - start
-    path = write_frames(out, args.out, fps=args.fps)
+    report = render_to_file(rt, args.out, poses, args.image, settings, frames=frames, fps=args.fps,
+                            progress=not args.quiet)
     logger.info(
-        "wrote %s: %d frames of %d x %d in %.1f s (%.2f s per frame, backend torch on %s, %s)",
-        path, len(out), c.width, c.height, elapsed, elapsed / len(out), device, args.precision,
+        "wrote %s: %d frames of %d x %d; %d rendered in %.1f s (%.2f s per frame), %d resumed; backend %s",
+        report.out, report.frames, c.width, c.height, report.rendered, report.seconds, report.seconds_per_frame,
+        report.resumed, report.backend,
     )
     return 0
 
@@ -143,9 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default="shared", choices=["shared", "per-frame"], help="one noise for all frames, or one per frame")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--frames", help="frames to render, A:B (half-open)")
-    p.add_argument("--frames-per-batch", type=int, default=1, help="frames per UNet call (batch 3 x F)")
+    p.add_argument("--frames-per-batch", type=int, default=None,
+                   help="frames per UNet call (batch 3 x F; default: 1 on the CPU, from free memory on a GPU)")
+    p.add_argument("--backend", default="auto", help="auto, torch, compiled, onnxruntime or tensorrt")
+    p.add_argument("--engines", help="engine folder from `dreampose-rt build-engine` (onnxruntime / tensorrt)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: fp16 on CUDA, fp32 on the CPU, the engines' own with --engines")
     p.set_defaults(func=cmd_animate)
 
     p = sub.add_parser("import-release", help="convert the original release's .pth checkpoints into a model folder")

@@ -67,7 +67,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, inputs, capsys, extra, message
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(ValueError, match="no poses found"):
+    with pytest.raises(ValueError, match="image not found"):
         main(["animate", "--debug", "--image", str(tmp_path / "no.png"), "--poses", str(tmp_path)])
 
 

@@ -1,0 +1,296 @@
+"""Backends: who runs the three networks (conditioning encoder, UNet, VAE decoder) for the Runtime.
+
+Each backend declares whether it can run on a device and why not, and implements three calls:
+
+* ``encode_subject(pixels (1, 3, H, W) in [-1, 1]) -> (cond (1, N, D), null (1, N, D))``
+* ``unet(latents (3F, 4, h, w), pose_window (3F, 2n, h, w), timestep (), ehs (3F, N, D)) -> eps (3F, 4, h, w)``
+* ``decode(latents (F, 4, h, w)) -> images (F, 3, H, W) in [-1, 1]``
+
+``torch`` (eager, the reference), ``compiled`` (torch.compile of the UNet and the VAE decoder; on CUDA
+the compiled graphs replay through CUDA graphs), ``onnxruntime`` and ``tensorrt`` (engines written by
+``dreampose-rt build-engine``). Dispatch for ``backend="auto"`` walks :data:`AUTO_ORDER` and takes the
+first available one; the torch backend is always available.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreampose.model import DreamPoseModel
+from dreampose.utils import DreamPoseError, PathLike, read_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here, and why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class Backend(abc.ABC):
+    """Runs the networks of one DreamPose model on one device."""
+
+    name: str = ""
+    #: what the backend accepts: devices ("cpu", "cuda") and precisions
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+    def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
+        """Whether this backend can run on ``device`` at ``precision`` (with ``engines`` when it needs them)."""
+        if device.type not in cls.devices:
+            return Availability(False, f"{cls.name} does not run on {device.type}")
+        if precision not in cls.precisions:
+            return Availability(False, f"{cls.name} does not support {precision} (supports {', '.join(cls.precisions)})")
+        return Availability(True)
+
+    @abc.abstractmethod
+    def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
+             ehs: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device} ({str(self.dtype).replace('torch.', '')})"
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch: the model's own modules (the reference)."""
+
+    name = "torch"
+
+    @torch.no_grad()
+    def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(pixels.to(self.device)), self.model.encode_null_image(1)
+
+    @torch.no_grad()
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
+             ehs: torch.Tensor) -> torch.Tensor:
+        return self.model.denoise(latents.to(self.dtype), pose_window.to(self.dtype), timestep, ehs.to(self.dtype))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(latents)
+
+
+class CompiledBackend(TorchBackend):
+    """torch.compile of the UNet and the VAE decoder (inductor). On CUDA the compiled graphs run in
+    ``max-autotune`` mode with CUDA-graph replay; on the CPU in the default mode (C++/OpenMP kernels).
+    The first call at each shape compiles (tens of seconds for the tiny model on 2 CPU cores, minutes
+    for SD 1.5 on a GPU); later calls replay."""
+
+    name = "compiled"
+
+    def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
+        super().__init__(model, device, dtype)
+        mode = options.get("compile_mode") or ("max-autotune" if device.type == "cuda" else None)
+        self._unet = torch.compile(model.unet, mode=mode, dynamic=False, fullgraph=False)
+        self._decoder = torch.compile(model.vae.decoder, mode=mode, dynamic=False)
+
+    @classmethod
+    def availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
+        base = super().availability(device, precision, engines)
+        if not base:
+            return base
+        try:
+            import torch._inductor  # noqa: F401
+        except ImportError as e:  # pragma: no cover - part of torch
+            return Availability(False, f"torch inductor unavailable ({e})")
+        if device.type == "cpu":
+            import shutil
+
+            if shutil.which("c++") is None and shutil.which("g++") is None:
+                return Availability(False, "torch.compile on the CPU needs a C++ compiler (none on PATH)")
+        elif importlib.util.find_spec("triton") is None:
+            return Availability(False, "torch.compile on CUDA needs triton")
+        return Availability(True)
+
+    @torch.no_grad()
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
+             ehs: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([latents.to(self.dtype), pose_window.to(self.dtype)], dim=1)
+        t = timestep.to(self.device).reshape(()).expand(x.shape[0]).contiguous()
+        return self._unet(x, t, encoder_hidden_states=ehs.to(self.dtype), return_dict=False)[0].clone()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        z = vae.post_quant_conv(latents.to(self.dtype) / self.model.scaling_factor)
+        return self._decoder(z).clone()
+
+
+class EngineBackend(Backend):
+    """Networks run by engines from ``build-engine`` (a folder with manifest.json)."""
+
+    engine_backend = ""
+
+    def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
+        super().__init__(model, device, dtype)
+        engines = options.get("engines")
+        if engines is None:
+            raise DreamPoseError(f"the {self.name} backend needs engines: run `dreampose-rt build-engine` and pass --engines")
+        from .export.build import load_engines
+        from .export.onnx_export import state_dict_hash
+
+        self.engine_dir = Path(engines)
+        manifest = check_manifest(self.engine_dir, self.engine_backend, model)
+        self.precision = manifest["precision"]
+        hashes = None
+        if options.get("check_weights", True):  # engines must hold this model's weights (else: refit/rebuild)
+            from .export.networks import make_wrapper
+
+            hashes = {}
+            for net, rec in manifest["networks"].items():
+                kwargs = {"output": "uint8" if "image_u8" in rec.get("outputs", ()) else "float"} if net == "vae_decoder" else {}
+                hashes[net] = state_dict_hash(make_wrapper(net, model, self.precision, **kwargs).state_dict())
+        self.engines = load_engines(self.engine_dir, weights_hashes=hashes, **self._load_options(options))
+        missing = {"cond_encoder", "unet", "vae_decoder"} - set(self.engines)
+        if missing:
+            raise DreamPoseError(f"{self.engine_dir}: engines for {sorted(missing)} are missing; run build-engine again")
+        self.io_dtype = torch.float16 if self.precision == "fp16" else torch.float32
+
+    def _load_options(self, options: dict) -> dict:
+        return {}
+
+    def _run(self, name: str, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        engine = self.engines[name]
+        feed = {k: v.to(engine.device, engine.input_dtypes[k]).contiguous() for k, v in feed.items()}
+        return {k: v.clone() for k, v in engine.infer(feed).items()}
+
+    def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._run("cond_encoder", {"image": pixels})
+        return out["cond"].to(self.device), out["null"].to(self.device)
+
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
+             ehs: torch.Tensor) -> torch.Tensor:
+        t = timestep.reshape(()).float().expand(latents.shape[0])
+        out = self._run("unet", {"latents": latents, "pose_window": pose_window, "timestep": t,
+                                 "encoder_hidden_states": ehs})
+        return out["eps"].to(self.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        out = self._run("vae_decoder", {"latents": latents})
+        if "image" not in out:
+            raise DreamPoseError(f"{self.engine_dir}: the VAE decoder engine outputs uint8; rebuild with --vae-output float")
+        return out["image"].to(self.device)
+
+
+class OnnxRuntimeBackend(EngineBackend):
+    """ONNX Runtime over the exported graphs (CPU provider; CUDA provider where installed)."""
+
+    name = engine_backend = "onnxruntime"
+    precisions = ("fp32", "fp16")
+
+    @classmethod
+    def availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
+        base = super().availability(device, precision, engines)
+        if not base:
+            return base
+        if importlib.util.find_spec("onnxruntime") is None:
+            return Availability(False, "onnxruntime is not installed (pip install 'dreampose-rt[export]')")
+        if device.type == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                return Availability(False, "onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
+        if engines is None:
+            return Availability(False, "needs an engine folder from `dreampose-rt build-engine --backend onnxruntime`")
+        return Availability(True)
+
+    def _load_options(self, options: dict) -> dict:
+        providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
+        return {"providers": providers}
+
+
+class TensorRTBackend(EngineBackend):
+    """TensorRT engines (fp16 or fp32 plans), optionally replayed through CUDA graphs."""
+
+    name = engine_backend = "tensorrt"
+    devices = ("cuda",)
+    precisions = ("fp16", "fp32")
+
+    @classmethod
+    def availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
+        base = super().availability(device, precision, engines)
+        if not base:
+            return base
+        if importlib.util.find_spec("tensorrt") is None:
+            return Availability(False, "TensorRT's Python package is not installed (`import tensorrt` fails)")
+        if engines is None:
+            return Availability(False, "needs an engine folder from `dreampose-rt build-engine --backend tensorrt`")
+        return Availability(True)
+
+    def _load_options(self, options: dict) -> dict:
+        return {"cuda_graph": bool(options.get("cuda_graph", True))}
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    b.name: b for b in (TensorRTBackend, OnnxRuntimeBackend, CompiledBackend, TorchBackend)
+}
+#: backend="auto": the first available, fastest first. compiled is tried on CUDA only (its CPU compile
+#: costs more than it saves on short renders); engine backends need an engine folder.
+AUTO_ORDER = ("tensorrt", "onnxruntime", "compiled", "torch")
+
+
+def check_manifest(engine_dir: Path, backend: str, model: DreamPoseModel) -> dict:
+    """Read an engine folder's manifest; it must be for ``backend`` and for this model's resolution."""
+    if not (engine_dir / "manifest.json").is_file():
+        raise DreamPoseError(f"{engine_dir}: not an engine folder (no manifest.json); run `dreampose-rt build-engine`")
+    manifest = read_json(engine_dir / "manifest.json")
+    if manifest.get("backend") != backend:
+        raise DreamPoseError(
+            f"{engine_dir}: engines were built for {manifest.get('backend')!r}, not {backend!r}; "
+            f"rebuild with `dreampose-rt build-engine --backend {backend}`"
+        )
+    spec = manifest.get("shape_spec", {})
+    c = model.config
+    if not spec.get("dynamic_resolution") and (spec.get("height"), spec.get("width")) != (c.height, c.width):
+        raise DreamPoseError(
+            f"{engine_dir}: engines were built for {spec.get('height')} x {spec.get('width')} but the model renders "
+            f"{c.height} x {c.width}; rebuild them for this model"
+        )
+    return manifest
+
+
+def availability_report(device: torch.device, precision: str, engines: PathLike | None = None) -> dict[str, Availability]:
+    """name -> Availability, for every backend, in dispatch order."""
+    return {name: BACKENDS[name].availability(device, precision, engines) for name in AUTO_ORDER}
+
+
+def select_backend(name: str, device: torch.device, precision: str, engines: PathLike | None = None) -> type[Backend]:
+    """The backend class for ``name`` ('auto' picks the first available in AUTO_ORDER)."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise DreamPoseError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+        avail = BACKENDS[name].availability(device, precision, engines)
+        if not avail:
+            raise DreamPoseError(f"backend {name!r} is not available: {avail.reason}")
+        return BACKENDS[name]
+    for candidate in AUTO_ORDER:
+        if candidate == "compiled" and device.type != "cuda":
+            continue
+        if BACKENDS[candidate].availability(device, precision, engines):
+            return BACKENDS[candidate]
+    return TorchBackend

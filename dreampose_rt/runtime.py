@@ -1,0 +1,335 @@
+"""``Runtime``: render a subject along a pose sequence as fast as the machine allows.
+
+    rt = Runtime.from_pretrained("models/subject", backend="auto")
+    frames = rt.render(poses, image="subject.png")          # (T, H, W, 3) uint8
+    for i, frame in rt.stream(poses, image="subject.png"):  # frames as they finish
+        ...
+
+What happens per video: the subject's conditioning is encoded once (and cached per image); the poses
+are resized once; frames are rendered in batches of F (the UNet sees 3F samples: three guidance branches
+per frame, branch-major as in dreampose.guidance); after each UNet call the guidance combine and the
+scheduler update run as one fused pass (the C++ data plane on the CPU; on CUDA the Triton kernel when
+it is available, else the table-driven PyTorch step). Noise is seeded per frame (or shared), so a frame
+does not depend on which other frames are rendered: partial and resumed renders equal full ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dreampose.guidance import NUM_BRANCHES, branch_batch
+from dreampose.images import ImageLike, load_image, to_uint8
+from dreampose.model import DreamPoseModel
+from dreampose.pipeline import NOISE_MODES, SubjectConditioning, frame_noise
+from dreampose.poses import load_poses, pose_window, prepare_poses
+from dreampose.utils import DreamPoseError, PathLike
+
+from .backends import Backend, select_backend
+from .profiling import nvtx_range
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULERS = ("pndm", "ddim", "dpmpp")
+MAX_AUTO_FRAMES = 16
+_CACHE_SIZE = 8
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' / None -> cuda if available else cpu; a CUDA device on a machine without one is an error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DreamPoseError(f"device {device}: no CUDA device is available on this machine")
+    return dev
+
+
+def _fingerprint_folder(folder: Path) -> str:
+    """Cheap identity of a model folder: its path and each weight file's size and modification time."""
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".bin"):
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+class Runtime:
+    """A DreamPose model bound to a backend and a device.
+
+    Args:
+        model: the DreamPoseModel (already on ``backend.device`` in ``backend.dtype``).
+        backend: the Backend running the networks.
+        fingerprint: identifies the weights (used by resumable renders); derived from the folder.
+        is_demo: True for the embedded demo model (then ``image`` may be omitted: the demo subject).
+    """
+
+    def __init__(self, model: DreamPoseModel, backend: Backend, fingerprint: str, is_demo: bool = False) -> None:
+        self.model = model
+        self.backend = backend
+        self.fingerprint = fingerprint
+        self.is_demo = is_demo
+        self._cache: OrderedDict[str, SubjectConditioning] = OrderedDict()
+        self._frame_bytes: int | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: PathLike | None = None,
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        engines: PathLike | None = None,
+        **backend_options: Any,
+    ) -> "Runtime":
+        """Load a model folder (or, with no folder, the embedded demo model) onto a backend.
+
+        Args:
+            model_dir: a DreamPose model folder; None for the embedded demo model.
+            backend: 'auto', 'torch', 'compiled', 'onnxruntime' or 'tensorrt'.
+            device: 'cpu', 'cuda', 'cuda:N' or 'auto' (None).
+            precision: 'fp32', 'fp16' or 'bf16' (default: fp16 on CUDA, fp32 on the CPU; engines: theirs).
+            engines: an engine folder from ``dreampose-rt build-engine`` (onnxruntime / tensorrt).
+            **backend_options: passed to the backend (e.g. compile_mode, cuda_graph, check_weights).
+        """
+        dev = resolve_device(device)
+        if precision is None:
+            precision = _engine_precision(engines) or ("fp16" if dev.type == "cuda" else "fp32")
+        if precision not in PRECISIONS:
+            raise DreamPoseError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if dev.type == "cpu" and precision == "fp16":
+            raise DreamPoseError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+        backend_cls = select_backend(backend, dev, precision, engines)
+        dtype = PRECISIONS[precision]
+        if model_dir is None:
+            from .demo import DEMO_SEED, demo_model
+
+            model = demo_model().to(device=dev, dtype=dtype).eval()
+            fingerprint, is_demo = f"demo-{DEMO_SEED}", True
+        else:
+            model = DreamPoseModel.from_pretrained(model_dir, device=dev, dtype=dtype)
+            fingerprint, is_demo = _fingerprint_folder(Path(model_dir)), False
+        be = backend_cls(model, dev, dtype, engines=engines, **backend_options)
+        logger.info("runtime: %s", be.describe())
+        return cls(model, be, fingerprint, is_demo)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # ---- conditioning -----------------------------------------------------------------------
+    def load_subject(self, image: ImageLike | None) -> torch.Tensor:
+        """The subject as pixels (1, 3, H, W) in [-1, 1] at the model's resolution (demo subject if None)."""
+        c = self.config
+        if image is None:
+            if not self.is_demo:
+                raise DreamPoseError("image is required (only the demo model has a built-in subject)")
+            from .demo import demo_subject
+
+            image = demo_subject(c.height, c.width)
+        return load_image(image, (c.height, c.width))
+
+    def encode(self, image: ImageLike | torch.Tensor | None) -> SubjectConditioning:
+        """Conditioning for the image branch and the null-image branch, cached per image content."""
+        pixels = self.load_subject(image)
+        key = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with nvtx_range("encode"):
+            cond, null = self.backend.encode_subject(pixels.to(self.device))
+        subject = SubjectConditioning(cond=cond.to(self.dtype), null=null.to(self.dtype))
+        self._cache[key] = subject
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return subject
+
+    # ---- batching -------------------------------------------------------------------------------
+    def auto_frames_per_batch(self) -> int:
+        """Frames per UNet call when not given.
+
+        CPU: 1 (batching buys nothing without idle compute units). Engines: the largest batch they were
+        built for. CUDA: measured, not guessed: one UNet call at one frame (batch 3) gives the activation
+        memory of a frame; F = 80% of the free memory divided by that, between 1 and 16.
+        """
+        if self.device.type != "cuda":
+            return 1
+        engine_dir = getattr(self.backend, "engine_dir", None)
+        if engine_dir is not None:
+            return int(_read_manifest(engine_dir)["shape_spec"]["max_frames"])
+        if self._frame_bytes is None:
+            h, w = self.model.latent_size
+            c = self.config
+            n = NUM_BRANCHES
+            x = torch.zeros(n, self.model.latent_channels, h, w, device=self.device)
+            p = torch.zeros(n, c.pose_window_channels, h, w, device=self.device)
+            ehs = torch.zeros(n, self.model.adapter.config.clip_tokens, self.model.adapter.config.clip_dim,
+                              device=self.device)
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.backend.unet(x, p, torch.tensor(999, device=self.device), ehs)
+            torch.cuda.synchronize(self.device)
+            self._frame_bytes = max(1, torch.cuda.max_memory_allocated(self.device) - base)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        frames = int(0.8 * free // self._frame_bytes)
+        return max(1, min(MAX_AUTO_FRAMES, frames))
+
+    # ---- rendering ---------------------------------------------------------------------------
+    def _scheduler(self, name: str, steps: int):
+        from .scheduler import create_scheduler
+
+        sched = create_scheduler(name, dict(self.model.scheduler_config))
+        sched.set_timesteps(steps, device=self.device)
+        return sched
+
+    @torch.no_grad()
+    def _denoise(
+        self, subject: SubjectConditioning, window: torch.Tensor, noise: torch.Tensor, scheduler: str, steps: int,
+        s_image: float, s_pose: float, on_step,
+    ) -> torch.Tensor:
+        """noise (F, C, h, w) float32 -> latents (F, C, h, w) float32 after the whole sampler."""
+        sched = self._scheduler(scheduler, steps)
+        latents = noise * sched.init_noise_sigma
+        _, p, ehs = branch_batch(latents, window, subject.cond, subject.null)
+        p, ehs = p.to(self.dtype), ehs.to(self.dtype)
+        for k, t in enumerate(sched.timesteps):
+            with nvtx_range(f"step {k}"):
+                x = sched.scale_model_input(latents, t).repeat(NUM_BRANCHES, 1, 1, 1)
+                eps = self.backend.unet(x, p, t, ehs)
+                latents = sched.step_guided(eps.to(latents.dtype), t, latents, s_image, s_pose, return_dict=False)[0]
+            on_step()
+        return latents
+
+    def stream(
+        self,
+        poses: PathLike | np.ndarray | torch.Tensor,
+        image: ImageLike | torch.Tensor | None = None,
+        steps: int | None = None,
+        scheduler: str = "pndm",
+        s_image: float | None = None,
+        s_pose: float | None = None,
+        seed: int = 0,
+        noise: str = "shared",
+        frames: Sequence[int] | None = None,
+        frames_per_batch: int | None = None,
+        progress: bool = False,
+        skip: Sequence[int] = (),
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (frame index, uint8 frame (H, W, 3)) as frames finish. Arguments as in :meth:`render`;
+        ``skip``: frame indices already rendered (batches made only of them are not run)."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        steps = c.num_inference_steps if steps is None else steps
+        s_image = c.s_image if s_image is None else float(s_image)
+        s_pose = c.s_pose if s_pose is None else float(s_pose)
+        if not isinstance(steps, int) or steps < 1:
+            raise DreamPoseError(f"steps must be a positive integer, got {steps!r}")
+        if scheduler not in SCHEDULERS:
+            raise DreamPoseError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if noise not in NOISE_MODES:
+            raise DreamPoseError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        for name, s in (("s_image", s_image), ("s_pose", s_pose)):
+            if not np.isfinite(s):
+                raise DreamPoseError(f"{name} must be finite, got {s}")
+        pose_arr = load_poses(poses)
+        n_total = len(pose_arr)
+        frames = list(range(n_total)) if frames is None else [int(i) for i in frames]
+        bad = [i for i in frames if not 0 <= i < n_total]
+        if bad:
+            raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses")
+        fpb = self.auto_frames_per_batch() if frames_per_batch is None else int(frames_per_batch)
+        if fpb < 1:
+            raise DreamPoseError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
+
+        subject = self.encode(image)
+        pose_seq = prepare_poses(pose_arr, (c.height, c.width), self.model.latent_size, self.device)
+        skip_set = set(skip)
+        batches = [frames[i : i + fpb] for i in range(0, len(frames), fpb)]
+        todo = [b for b in batches if not set(b) <= skip_set]
+        n_calls = len(self._scheduler(scheduler, steps).timesteps)
+        shape = (self.model.latent_channels, *self.model.latent_size)
+        bar = tqdm(
+            total=sum(len(b) for b in todo), unit="frame", disable=not progress, desc="rendering",
+            dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} frames [{elapsed}<{remaining}, {rate_fmt}]",
+        )
+        try:
+            for batch in todo:
+                if noise == "shared":
+                    start = frame_noise(seed, None, shape).unsqueeze(0).repeat(len(batch), 1, 1, 1)
+                else:
+                    start = torch.stack([frame_noise(seed, i, shape) for i in batch])
+                window = pose_window(pose_seq, batch, c.n_poses)
+                latents = self._denoise(subject, window, start.to(self.device), scheduler, steps, s_image, s_pose,
+                                        on_step=lambda n=len(batch): bar.update(n / n_calls))
+                with nvtx_range("decode"):
+                    images = to_uint8(self.backend.decode(latents))
+                for i, frame in zip(batch, images):
+                    if i not in skip_set:
+                        yield i, frame
+        finally:
+            bar.close()
+
+    def render(
+        self,
+        poses: PathLike | np.ndarray | torch.Tensor,
+        image: ImageLike | torch.Tensor | None = None,
+        steps: int | None = None,
+        scheduler: str = "pndm",
+        s_image: float | None = None,
+        s_pose: float | None = None,
+        seed: int = 0,
+        noise: str = "shared",
+        frames: Sequence[int] | None = None,
+        frames_per_batch: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Render frames. Returns uint8 (T, H, W, 3), T = len(frames) (all poses by default).
+
+        Args:
+            poses: a pose source (see dreampose.poses.load_poses) or an array (T, 2, H', W') of U, V in [0, 1].
+            image: the subject (path, PIL image, array or tensor); optional for the demo model.
+            steps: denoising steps (the model's default: 100).
+            scheduler: 'pndm' (the paper's), 'ddim' or 'dpmpp' (DPM-Solver++ 2M, for few steps).
+            s_image, s_pose: guidance scales (the model's defaults).
+            seed: noise seed. noise: 'shared' (one noise for all frames) or 'per-frame'.
+            frames: indices to render (all by default).
+            frames_per_batch: frames per UNet call (None: :meth:`auto_frames_per_batch`).
+            progress: show a progress bar (frames per second and ETA).
+        """
+        out = dict(self.stream(poses, image, steps, scheduler, s_image, s_pose, seed, noise, frames,
+                               frames_per_batch, progress))
+        order = list(range(len(load_poses(poses)))) if frames is None else list(frames)
+        return np.stack([out[i] for i in order])
+
+
+def _read_manifest(engine_dir: PathLike) -> dict:
+    from dreampose.utils import read_json
+
+    return read_json(Path(engine_dir) / "manifest.json")
+
+
+def _engine_precision(engines: PathLike | None) -> str | None:
+    if engines is None or not (Path(engines) / "manifest.json").is_file():
+        return None
+    return _read_manifest(engines).get("precision")
