@@ -58,7 +58,14 @@ def _scheduler() -> Section:
     return "scheduler (pndm, ddim, dpmpp)", [("backend", status)]
 
 
-SECTIONS: list[Callable[[], Section]] = [_versions, _extension, _scheduler]
+def _kernels() -> Section:
+    from .kernels import kernel_available
+
+    ok, reason = kernel_available()
+    return "fused guidance + scheduler step (Triton)", [("status", ("available: " if ok else "unavailable: ") + reason)]
+
+
+SECTIONS: list[Callable[[], Section]] = [_versions, _extension, _scheduler, _kernels]
 
 
 def collect() -> list[Section]:
