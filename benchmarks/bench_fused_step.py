@@ -1,0 +1,224 @@
+"""Fused guidance + scheduler step (Triton) vs the eager combine + diffusers step, on CUDA.
+
+    python -m dreampose_rt.benchmarks.bench_fused_step [--frames 1 4 16] [--scheduler dpmpp] [--dtype fp16]
+
+At 80 x 64 latents (4 channels) for each F:
+
+- ``kernel_us``: one fused step (a steady-state row of the table) timed by ``triton.testing.do_bench``
+  (CUDA events, warm-up, L2 flushed before each call, median); ``achieved_GBps`` = the bytes that row
+  moves (:func:`dreampose_rt.kernels.bytes_moved`) / ``kernel_us``, compared with the nominal 3.0 TB/s
+  of an H100 and with this device's measured copy bandwidth (a 512 MiB device-to-device copy).
+- ``graph_loop_us_per_step``: the whole run (counter reset + every step) captured in one CUDA graph and
+  replayed; per step, L2 warm (what the runtime's captured loop costs).
+- ``eager_launch_us_per_step``: the same loop launched from Python (launcher checks included).
+- ``eager_diffusers_us_per_step``: ``combine_guidance`` + diffusers' scheduler ``step`` per step, as the
+  reference pipeline does it.
+
+Loops are interleaved (eager, graph, launch, eager, ...) and medians taken over rounds. Results go to
+benchmarks/results/bench_fused_step_<gpu>_<date>.json. Without CUDA it says so and exits 0 without
+writing anything (the CPU data plane has its own benchmark: bench_scheduler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+from typing import Callable
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+CONFIGS = {
+    "dpmpp": dict(SD, solver_order=2),
+    "pndm": dict(SD, steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True),
+    "ddim": dict(SD, steps_offset=1, set_alpha_to_one=False),
+}
+DIFFUSERS_CLASS = {"dpmpp": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NOMINAL_COPY_GBPS = 3000.0  # H100 SXM device copy, as measured on the lent machine (~3.0 TB/s)
+
+
+def _events_ms(fn: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy of 512 MiB (read + write counted), median of do_bench."""
+    import triton.testing
+
+    src = torch.empty(128 * 1024 * 1024, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def bench(frames: int, scheduler: str, steps: int, dtype: torch.dtype, rounds: int, copy_gbps: float) -> dict:
+    import diffusers
+    import triton.testing
+
+    from dreampose.guidance import combine_guidance
+    from dreampose_rt.kernels import FusedSampler, bytes_moved, guided_step
+    from dreampose_rt.scheduler import create_scheduler
+
+    device = torch.device("cuda")
+    shape = (frames, 4, 80, 64)
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(shape, generator=g, device=device).to(dtype)
+    e = torch.randn((3 * frames,) + shape[1:], generator=g, device=device).to(dtype)
+    s_i, s_p = 7.5, 2.0
+
+    sched = create_scheduler(scheduler, CONFIGS[scheduler])
+    sched.set_timesteps(steps)
+    sampler = FusedSampler.from_scheduler(sched, x0, s_i, s_p)
+    n = sampler.num_steps
+
+    # -- one step, L2 flushed: the bandwidth number --------------------------------------------
+    k = n // 2  # a steady-state row (highest order)
+    row = sampler.table[k].tolist()
+    out = torch.empty_like(x0)
+    lat = x0.clone()
+    for j in range(k + 1):  # the state as the run has it at step k (every slot written)
+        guided_step(e, lat, sampler.table, j, s_i, s_p, sampler.state, out=out)
+    kernel_ms = triton.testing.do_bench(
+        lambda: guided_step(e, lat, sampler.table, k, s_i, s_p, sampler.state, out=out),
+        warmup=25, rep=200, return_mode="median",
+    )  # fmt: skip
+    moved = bytes_moved(row, frames, 4 * 80 * 64, dtype, sampler.info.num_history_slots)
+
+    # -- whole loops: graph replay, Python launches, eager diffusers ----------------------------
+    def launch_loop() -> None:
+        sampler.reset()
+        for _ in range(n):
+            sampler.step(e, lat, out=lat)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        launch_loop()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch_loop()
+
+    ref = getattr(diffusers, DIFFUSERS_CLASS[scheduler])(**CONFIGS[scheduler])
+
+    def eager_loop() -> None:
+        y = x0
+        for t in ref.timesteps:
+            eps = combine_guidance(e, frames, s_i, s_p)
+            y = ref.step(eps, t, y, return_dict=False)[0]
+
+    samples: dict[str, list[float]] = {"graph": [], "launch": [], "eager": []}
+    for r in range(rounds + 2):  # two warm-up rounds
+        ref.set_timesteps(steps, device=device)
+        lat.copy_(x0)
+        t_eager = _events_ms(eager_loop) / len(ref.timesteps)
+        lat.copy_(x0)
+        t_graph = _events_ms(graph.replay) / n
+        lat.copy_(x0)
+        t_launch = _events_ms(launch_loop) / n
+        if r >= 2:
+            samples["eager"].append(t_eager)
+            samples["graph"].append(t_graph)
+            samples["launch"].append(t_launch)
+    med = {k_: statistics.median(v) * 1e3 for k_, v in samples.items()}  # us
+    kernel_us = kernel_ms * 1e3
+    achieved = moved / (kernel_us * 1e-6) / 1e9
+    return {
+        "frames": frames,
+        "shape": list(shape),
+        "row": k,
+        "bytes_moved": moved,
+        "kernel_us": kernel_us,
+        "achieved_GBps": achieved,
+        "fraction_of_nominal_3TBps": achieved / NOMINAL_COPY_GBPS,
+        "fraction_of_measured_copy": achieved / copy_gbps,
+        "bandwidth_bound_us": moved / (copy_gbps * 1e9) * 1e6,
+        "graph_loop_us_per_step": med["graph"],
+        "eager_launch_us_per_step": med["launch"],
+        "eager_diffusers_us_per_step": med["eager"],
+        "speedup_eager_over_kernel": med["eager"] / kernel_us,
+        "speedup_eager_over_graph_loop": med["eager"] / med["graph"],
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--scheduler", default="dpmpp", choices=sorted(CONFIGS))
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--results", default=RESULTS, help="folder for the JSON record")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print(
+            "bench_fused_step needs a CUDA GPU (torch.cuda.is_available() is False here): nothing measured, "
+            "nothing written. The CPU data plane is timed by dreampose_rt.benchmarks.bench_scheduler."
+        )
+        return 0
+    from dreampose_rt.kernels import kernel_available
+
+    ok, reason = kernel_available()
+    if not ok:
+        print(f"bench_fused_step: the Triton kernel cannot run here: {reason}")
+        return 1
+
+    import triton
+
+    name = torch.cuda.get_device_name()
+    copy_gbps = copy_bandwidth_gbps()
+    dtype = DTYPES[args.dtype]
+    results = [bench(f, args.scheduler, args.steps, dtype, args.rounds, copy_gbps) for f in args.frames]
+    props = torch.cuda.get_device_properties(0)
+    record = {
+        "benchmark": "fused_guided_step",
+        "device": name,
+        "sm_count": props.multi_processor_count,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "dtype": args.dtype,
+        "measured_copy_GBps": copy_gbps,
+        "nominal_copy_GBps": NOMINAL_COPY_GBPS,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            "diffusers": __import__("diffusers").__version__,
+        },
+        "results": results,
+    }
+    print(f"{name}: {args.scheduler} {args.steps} steps, {args.dtype}, 4x80x64 latents; copy {copy_gbps:.0f} GB/s")
+    print(f"{'F':>3} {'kernel us':>10} {'GB/s':>8} {'of copy':>8} {'graph/step':>11} {'launch/step':>12} "
+          f"{'eager/step':>11} {'eager/kernel':>13}")  # fmt: skip
+    for r in results:
+        print(f"{r['frames']:>3} {r['kernel_us']:10.2f} {r['achieved_GBps']:8.0f} {r['fraction_of_measured_copy']:8.2f} "
+              f"{r['graph_loop_us_per_step']:11.2f} {r['eager_launch_us_per_step']:12.2f} "
+              f"{r['eager_diffusers_us_per_step']:11.2f} {r['speedup_eager_over_kernel']:12.1f}x")  # fmt: skip
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    path = os.path.join(args.results, f"bench_fused_step_{slug}_{datetime.date.today().isoformat()}.json")
+    os.makedirs(args.results, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
