@@ -30,6 +30,7 @@ from dreampose.images import ImageLike, load_image, to_uint8
 from dreampose.model import DreamPoseModel
 from dreampose.pipeline import NOISE_MODES, SubjectConditioning, frame_noise
 from dreampose.poses import load_poses, pose_window, prepare_poses
+from dreampose.timing import PhaseTimer, timed
 from dreampose.utils import DreamPoseError, PathLike
 
 from .backends import Backend, select_backend
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULERS = ("pndm", "ddim", "dpmpp")
+DATA_PLANES = ("auto", "triton", "scheduler")
 MAX_AUTO_FRAMES = 16
 _CACHE_SIZE = 8
 
@@ -71,9 +73,16 @@ class Runtime:
         backend: the Backend running the networks.
         fingerprint: identifies the weights (used by resumable renders); derived from the folder.
         is_demo: True for the embedded demo model (then ``image`` may be omitted: the demo subject).
+        data_plane: 'auto', 'triton' or 'scheduler' (see :meth:`data_plane`).
     """
 
-    def __init__(self, model: DreamPoseModel, backend: Backend, fingerprint: str, is_demo: bool = False) -> None:
+    def __init__(
+        self, model: DreamPoseModel, backend: Backend, fingerprint: str, is_demo: bool = False,
+        data_plane: str = "auto",
+    ) -> None:
+        if data_plane not in DATA_PLANES:
+            raise DreamPoseError(f"unknown data plane {data_plane!r}; choose one of {', '.join(DATA_PLANES)}")
+        self._data_plane = data_plane
         self.model = model
         self.backend = backend
         self.fingerprint = fingerprint
@@ -89,6 +98,7 @@ class Runtime:
         device: str | torch.device | None = None,
         precision: str | None = None,
         engines: PathLike | None = None,
+        data_plane: str = "auto",
         **backend_options: Any,
     ) -> "Runtime":
         """Load a model folder (or, with no folder, the embedded demo model) onto a backend.
@@ -99,6 +109,7 @@ class Runtime:
             device: 'cpu', 'cuda', 'cuda:N' or 'auto' (None).
             precision: 'fp32', 'fp16' or 'bf16' (default: fp16 on CUDA, fp32 on the CPU; engines: theirs).
             engines: an engine folder from ``dreampose-rt build-engine`` (onnxruntime / tensorrt).
+            data_plane: after each UNet call: 'auto', 'triton' (fused Triton kernel) or 'scheduler'.
             **backend_options: passed to the backend (e.g. compile_mode, cuda_graph, check_weights).
         """
         dev = resolve_device(device)
@@ -120,7 +131,7 @@ class Runtime:
             fingerprint, is_demo = _fingerprint_folder(Path(model_dir)), False
         be = backend_cls(model, dev, dtype, engines=engines, **backend_options)
         logger.info("runtime: %s", be.describe())
-        return cls(model, be, fingerprint, is_demo)
+        return cls(model, be, fingerprint, is_demo, data_plane)
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -154,13 +165,17 @@ class Runtime:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        with nvtx_range("encode"):
+        with nvtx_range("encode"), timed(self.timer, "encode"):
             cond, null = self.backend.encode_subject(pixels.to(self.device))
-        subject = SubjectConditioning(cond=cond.to(self.dtype), null=null.to(self.dtype))
+            subject = SubjectConditioning(cond=cond.to(self.dtype), null=null.to(self.dtype))
         self._cache[key] = subject
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return subject
+
+    def clear_cache(self) -> None:
+        """Forget the cached conditioning (the next render of any image encodes it again)."""
+        self._cache.clear()
 
     # ---- batching -------------------------------------------------------------------------------
     def auto_frames_per_batch(self) -> int:
@@ -201,6 +216,19 @@ class Runtime:
         sched.set_timesteps(steps, device=self.device)
         return sched
 
+    def data_plane(self) -> str:
+        """What runs after each UNet call: 'triton' (the fused Triton kernel, CUDA) or 'scheduler'
+        (the scheduler's fused step_guided: the C++ data plane on the CPU, the table-driven PyTorch step
+        elsewhere). Forced with ``Runtime(..., data_plane=...)`` / the attribute ``_data_plane``."""
+        if self._data_plane != "auto":
+            return self._data_plane
+        if self.device.type == "cuda":
+            from .kernels import kernel_available
+
+            if kernel_available()[0]:
+                return "triton"
+        return "scheduler"
+
     @torch.no_grad()
     def _denoise(
         self, subject: SubjectConditioning, window: torch.Tensor, noise: torch.Tensor, scheduler: str, steps: int,
@@ -208,14 +236,29 @@ class Runtime:
     ) -> torch.Tensor:
         """noise (F, C, h, w) float32 -> latents (F, C, h, w) float32 after the whole sampler."""
         sched = self._scheduler(scheduler, steps)
-        latents = noise * sched.init_noise_sigma
+        latents = (noise * sched.init_noise_sigma).contiguous()
         _, p, ehs = branch_batch(latents, window, subject.cond, subject.null)
         p, ehs = p.to(self.dtype), ehs.to(self.dtype)
+        if self.data_plane() == "triton":
+            from .kernels import FusedSampler
+
+            sampler = FusedSampler.from_scheduler(sched, latents, s_image, s_pose)
+            for k, t in enumerate(sched.timesteps):
+                with nvtx_range(f"step {k}"):
+                    # PNDM, DDIM and DPM-Solver++ take the sample unscaled (init_noise_sigma = 1)
+                    with timed(self.timer, "unet"):
+                        eps = self.backend.unet(latents.repeat(NUM_BRANCHES, 1, 1, 1), p, t, ehs)
+                    with timed(self.timer, "guidance_update"):
+                        sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
+                on_step()
+            return latents
         for k, t in enumerate(sched.timesteps):
             with nvtx_range(f"step {k}"):
                 x = sched.scale_model_input(latents, t).repeat(NUM_BRANCHES, 1, 1, 1)
-                eps = self.backend.unet(x, p, t, ehs)
-                latents = sched.step_guided(eps.to(latents.dtype), t, latents, s_image, s_pose, return_dict=False)[0]
+                with timed(self.timer, "unet"):
+                    eps = self.backend.unet(x, p, t, ehs)
+                with timed(self.timer, "guidance_update"):
+                    latents = sched.step_guided(eps.to(latents.dtype), t, latents, s_image, s_pose, return_dict=False)[0]
             on_step()
         return latents
 
@@ -282,7 +325,7 @@ class Runtime:
                 window = pose_window(pose_seq, batch, c.n_poses)
                 latents = self._denoise(subject, window, start.to(self.device), scheduler, steps, s_image, s_pose,
                                         on_step=lambda n=len(batch): bar.update(n / n_calls))
-                with nvtx_range("decode"):
+                with nvtx_range("decode"), timed(self.timer, "decode"):
                     images = to_uint8(self.backend.decode(latents))
                 for i, frame in zip(batch, images):
                     if i not in skip_set:

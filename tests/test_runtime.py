@@ -182,3 +182,19 @@ def test_a_stale_work_folder_is_not_reused(tmp_path, torch_rt, subject_image, po
     from dreampose.video import read_png
 
     assert np.array_equal(read_png(out / frame_name(0)), expected[0])
+
+
+def test_triton_data_plane_matches_the_scheduler_step(tiny_model_dir, subject_image, pose_seq):
+    """The fused Triton kernel (through TRITON_INTERPRET=1 here) drives the loop like the C++ step."""
+    from dreampose_rt.kernels import kernel_available
+
+    ok, reason = kernel_available()
+    assert ok, reason  # conftest sets TRITON_INTERPRET=1 before triton is imported
+    kw = dict(image=subject_image, steps=3, frames_per_batch=2, noise="per-frame")
+    fused = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cpu", data_plane="triton")
+    plain = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cpu", data_plane="scheduler")
+    assert fused.data_plane() == "triton" and plain.data_plane() == "scheduler"
+    for scheduler in ("pndm", "dpmpp"):
+        _close(fused.render(pose_seq[:2], scheduler=scheduler, **kw), plain.render(pose_seq[:2], scheduler=scheduler, **kw))
+    with pytest.raises(DreamPoseError, match="unknown data plane"):
+        Runtime.from_pretrained(tiny_model_dir, backend="torch", data_plane="cuda")
