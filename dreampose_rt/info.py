@@ -65,7 +65,40 @@ def _kernels() -> Section:
     return "fused guidance + scheduler step (Triton)", [("status", ("available: " if ok else "unavailable: ") + reason)]
 
 
-SECTIONS: list[Callable[[], Section]] = [_versions, _extension, _scheduler, _kernels]
+def _backends() -> Section:
+    """Each runtime backend on the default device: available, or why not (engine backends also need
+    an engine folder from build-engine, which this report does not assume)."""
+    import torch
+
+    from .backends import AUTO_ORDER, BACKENDS
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    rows: list[Row] = []
+    for name in AUTO_ORDER:
+        avail = BACKENDS[name].availability(device, precision, engines="<engine folder>")
+        rows.append((name, "available" if avail else f"unavailable: {avail.reason}"))
+    return f"runtime backends on {device.type} ({precision})", rows
+
+
+def _onnx() -> Section:
+    rows: list[Row] = []
+    for name in ("onnx", "onnxruntime", "onnx_graphsurgeon", "tensorrt"):
+        try:
+            mod = __import__(name)
+            rows.append((name, getattr(mod, "__version__", "installed")))
+        except ImportError as exc:
+            rows.append((name, f"not installed ({exc})"))
+    try:
+        import onnxruntime
+
+        rows.append(("onnxruntime providers", ", ".join(onnxruntime.get_available_providers())))
+    except ImportError:
+        pass
+    return "export", rows
+
+
+SECTIONS: list[Callable[[], Section]] = [_versions, _extension, _scheduler, _kernels, _backends, _onnx]
 
 
 def collect() -> list[Section]:

@@ -198,3 +198,14 @@ def test_triton_data_plane_matches_the_scheduler_step(tiny_model_dir, subject_im
         _close(fused.render(pose_seq[:2], scheduler=scheduler, **kw), plain.render(pose_seq[:2], scheduler=scheduler, **kw))
     with pytest.raises(DreamPoseError, match="unknown data plane"):
         Runtime.from_pretrained(tiny_model_dir, backend="torch", data_plane="cuda")
+
+
+def test_info_lists_every_backend_with_its_status(capsys):
+    from dreampose_rt import info
+
+    sections = dict(info.collect())
+    rows = dict(sections["runtime backends on cpu (fp32)"])
+    assert rows["torch"] == "available"
+    assert rows["tensorrt"].startswith("unavailable: ")
+    assert set(rows) == {"tensorrt", "onnxruntime", "compiled", "torch"}
+    assert "onnxruntime" in dict(sections["export"])
