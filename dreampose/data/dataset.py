@@ -67,9 +67,9 @@ def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format._read_array_header(f, version)  # header only, no data
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # maps the file: reads the header only
+        shape, dtype = arr.shape, arr.dtype
+        del arr
     except (ValueError, OSError) as e:
         raise DreamPoseError(f"{path}: cannot read as a .npy array ({e})") from None
     return tuple(shape), dtype
@@ -214,7 +214,7 @@ def draw_dropout(u: float, config: DropoutConfig) -> tuple[bool, bool]:
 # --------------------------------------------------------------------------------------------------
 def to_pixels(frame: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """uint8 (H', W', 3) -> float32 (3, H, W) in [-1, 1] at ``size`` (bicubic, antialiased), as load_image."""
-    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(frame, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
     return x * 2.0 - 1.0

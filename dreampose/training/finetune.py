@@ -156,15 +156,21 @@ def decoder_batches(images: torch.Tensor, cfg: FinetuneConfig, rank: int, world:
 
 
 def load_perceptual_loss(path: PathLike, device: torch.device) -> nn.Module:
-    """A local TorchScript perceptual loss (e.g. LPIPS traced elsewhere): (x, y) in [-1, 1] -> distance."""
+    """A local perceptual loss (LPIPS exported elsewhere, see docs/training.md): (x, y) (B, 3, H, W) in
+    [-1, 1] -> distance (B,) or (B, 1, 1, 1). A ``torch.export`` program (.pt2) or a TorchScript file."""
     path = Path(path)
     if not path.is_file():
         raise DreamPoseError(f"{path}: LPIPS weights not found")
     try:
-        module = torch.jit.load(str(path), map_location=device)
-    except RuntimeError as e:
-        raise DreamPoseError(f"{path}: not a TorchScript module ({e})") from None
-    module.eval().requires_grad_(False)
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module().to(device)
+        else:
+            module = torch.jit.load(str(path), map_location=device)
+            module.eval()
+    except (RuntimeError, ValueError) as e:
+        raise DreamPoseError(f"{path}: not an exported (.pt2) or TorchScript module ({e})") from None
+    for p in module.parameters():  # frozen: gradients flow through it to the decoder only
+        p.requires_grad_(False)
     return module
 
 

@@ -86,6 +86,8 @@ def train_stage1(cfg: Stage1Config, resume: str | None = None, accelerator=None)
     ckpt_dir = out / "checkpoints"
 
     # 1. data and model, all checks before any training
+    if cfg.batch_size % (cfg.micro_batch_size * acc.num_processes):
+        steps_and_accumulation(cfg, 1, acc.num_processes)  # raises the error
     resume_path = _resume_path(ckpt_dir, resume)
     if cfg.data != "synth":
         source: VideoSource | None = video_source(cfg, (0, 0))  # a broken dataset fails before the model loads
