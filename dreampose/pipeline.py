@@ -30,6 +30,7 @@ from .images import ImageLike, load_image, to_uint8
 from .model import DreamPoseModel
 from .poses import load_poses, pose_window, prepare_poses
 from .schedulers import SCHEDULERS, make_scheduler
+from .timing import PhaseTimer, timed
 from .utils import DreamPoseError, PathLike
 
 logger = logging.getLogger(__name__)
@@ -65,15 +66,19 @@ class DreamPosePipeline:
         model: a DreamPoseModel (its device and dtype are used).
         scheduler_factory: ``(name, scheduler_config) -> scheduler`` with diffusers' interface;
             diffusers' own schedulers by default.
+        timer: optional phase timer (see dreampose.timing), called around encode, each UNet call, each
+            guidance + scheduler update and decode; None (the default) costs nothing.
     """
 
     def __init__(
         self,
         model: DreamPoseModel,
         scheduler_factory: Callable[[str, dict], Any] = make_scheduler,
+        timer: PhaseTimer | None = None,
     ) -> None:
         self.model = model.eval()
         self.scheduler_factory = scheduler_factory
+        self.timer = timer
 
     @classmethod
     def from_pretrained(
@@ -113,7 +118,8 @@ class DreamPosePipeline:
         """Subject image (path, PIL, array, tensor) -> conditioning for the image and null-image branches."""
         c = self.model.config
         pixels = load_image(image, (c.height, c.width)).to(self.device)
-        return SubjectConditioning(cond=self.model.encode_image(pixels), null=self.model.encode_null_image(1))
+        with timed(self.timer, "encode"):
+            return SubjectConditioning(cond=self.model.encode_image(pixels), null=self.model.encode_null_image(1))
 
     # ---- 3. poses -------------------------------------------------------------------------------
     def prepare_poses(self, poses: PathLike | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -156,9 +162,11 @@ class DreamPosePipeline:
         p, ehs = p.to(dtype), ehs.to(dtype)
         for t in sched.timesteps:
             x = sched.scale_model_input(latents, t).repeat(NUM_BRANCHES, 1, 1, 1)
-            eps_all = model.denoise(x.to(dtype), p, t.to(self.device), ehs)
-            eps = combine_guidance(eps_all, len(frames), s_image, s_pose)
-            latents = sched.step(eps, t, latents, return_dict=False)[0]
+            with timed(self.timer, "unet"):
+                eps_all = model.denoise(x.to(dtype), p, t.to(self.device), ehs)
+            with timed(self.timer, "guidance_update"):
+                eps = combine_guidance(eps_all, len(frames), s_image, s_pose)
+                latents = sched.step(eps, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step()
         return latents
@@ -167,7 +175,8 @@ class DreamPosePipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents (F, C, h, w) -> uint8 frames (F, H, W, 3)."""
-        return to_uint8(self.model.decode(latents))
+        with timed(self.timer, "decode"):
+            return to_uint8(self.model.decode(latents))
 
     # ---- the whole render -----------------------------------------------------------------------
     def iter_frames(

@@ -74,6 +74,9 @@ class Runtime:
         fingerprint: identifies the weights (used by resumable renders); derived from the folder.
         is_demo: True for the embedded demo model (then ``image`` may be omitted: the demo subject).
         data_plane: 'auto', 'triton' or 'scheduler' (see :meth:`data_plane`).
+
+    ``timer`` (None by default, settable): a phase timer (see dreampose.timing) called around encode,
+    each UNet call, each guidance + scheduler update and decode; the benchmark suite sets it.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class Runtime:
         self.backend = backend
         self.fingerprint = fingerprint
         self.is_demo = is_demo
+        self.timer: PhaseTimer | None = None
         self._cache: OrderedDict[str, SubjectConditioning] = OrderedDict()
         self._frame_bytes: int | None = None
 
