@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 PLUGIN_MODULES = (
     "dreampose_rt.export.cli",  # build-engine
     "dreampose.training.cli",  # train, finetune, data preparation
+    "dreampose_rt.benchmarks.cli",  # bench
 )
 
 

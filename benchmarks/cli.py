@@ -1,0 +1,79 @@
+"""``dreampose-rt bench``: the benchmark suite from the command line (registered by dreampose_rt.cli).
+
+    dreampose-rt bench --device cuda --model sd15 --frames 4            # the paper's settings, every backend
+    dreampose-rt bench --device cpu --model tiny --frames 2 --steps 4   # a quick look on a laptop
+    dreampose-rt bench --backends baseline,torch,onnxruntime --build-engines
+
+Prints the markdown table and writes <out-dir>/bench_<device>_<model>_<date>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .suite import RUNTIME_BACKENDS, VARIANTS, BenchSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _backends(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return list(VARIANTS) if names == ["all"] else names
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench_scheduler import RESULTS
+    from .report import markdown, write_outputs
+    from .suite import run_suite
+
+    settings = BenchSettings(
+        device=args.device, model=args.model, frames=args.frames, frames_per_batch=args.frames_per_batch,
+        steps=args.steps, scheduler=args.scheduler, baseline_steps=args.baseline_steps, backends=args.backends,
+        precision=args.precision, repeats=args.repeats, warmup=args.warmup, seed=args.seed, engines=args.engines,
+        build_engines=args.build_engines, cache_dir=args.cache_dir, compile_mode=args.compile_mode,
+        peak_tflops=args.peak_tflops, micro=not args.no_micro, micro_rounds=args.micro_rounds,
+    )  # fmt: skip
+    result = run_suite(settings)
+    paths = write_outputs(result, args.out_dir or RESULTS)
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="benchmark the original release's way of rendering against every backend (one run, one table)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--model", default="tiny",
+                   help="tiny (the test configuration), sd15 (SD 1.5-size networks, random weights, 640 x 512: "
+                        "for a GPU) or a model folder (default: tiny)")  # fmt: skip
+    p.add_argument("--frames", type=int, default=4, help="frames T of the batched render (default: 4)")
+    p.add_argument("--frames-per-batch", type=int, default=None,
+                   help="frames per UNet call in the batched render (default: T; engines: at most their max)")
+    p.add_argument("--steps", type=int, default=100, help="denoising steps of the runtime backends (default: 100)")
+    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "dpmpp"],
+                   help="scheduler of the runtime backends (the baseline always runs diffusers' PNDM)")
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="PNDM steps of the baseline (default: --steps; the original release: 100)")
+    p.add_argument("--backends", type=_backends, default=list(VARIANTS),
+                   help=f"comma-separated, from {', '.join(VARIANTS)}, or all (default: all)")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="runtime backends' precision (default: fp16 on CUDA, fp32 on the CPU; engines: theirs)")
+    p.add_argument("--repeats", type=int, default=3, help="measured interleaved rounds (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not measured (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="model (tiny / sd15) and noise seed")
+    p.add_argument("--engines", default=None, help=f"engine folder for {' / '.join(RUNTIME_BACKENDS[2:])}")
+    p.add_argument("--build-engines", action="store_true",
+                   help="build (or reuse) onnxruntime engines for the model in --cache-dir when --engines is not given")
+    p.add_argument("--cache-dir", default=None, help="where built engines are kept (default: a folder in the temp dir)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled backend")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense fp16/bf16 peak for MFU (default: from a table by GPU name)")
+    p.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
+    p.add_argument("--micro-rounds", type=int, default=10, help="rounds of each microbenchmark (default: 10)")
+    p.add_argument("--out-dir", default=None, help="folder for the JSON, markdown and PNG (default: benchmarks/results)")
+    p.set_defaults(func=cmd_bench)
+    return p

@@ -1,0 +1,120 @@
+"""The benchmark suite's plumbing on the tiny model (1 frame, 2 steps): records, tables, chart. No timing asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dreampose.utils import DreamPoseError
+
+
+def _numbers(obj, path=""):
+    """Every int / float leaf of a JSON object, with its path (booleans excluded)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield path, obj
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    from dreampose_rt.cli import main
+
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--device", "cpu", "--model", "tiny", "--frames", "1", "--steps", "2", "--repeats", "2",
+            "--warmup", "0", "--backends", "baseline,torch,tensorrt", "--micro-rounds", "1", "--out-dir", str(out),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    files = sorted(out.iterdir())
+    return out, files
+
+
+def test_bench_writes_json_markdown_and_png(bench_run):
+    out, files = bench_run
+    names = [f.name for f in files]
+    assert [f.suffix for f in files] == [".json", ".md", ".png"], names
+    assert all(f.stem.startswith("bench_cpu_tiny_") for f in files), names
+    from PIL import Image
+
+    with Image.open(files[2]) as img:
+        assert img.format == "PNG" and img.width > 100 and img.height > 100
+    md = files[1].read_text()
+    for name in ("baseline", "torch"):
+        assert f"| {name} |" in md
+    assert "tensorrt" in md  # listed as not measured, with the reason
+
+
+def test_bench_json_fields_and_positive_numbers(bench_run):
+    _, files = bench_run
+    rec = json.loads(files[0].read_text())
+    for key in ("date", "device", "versions", "settings", "model", "flops", "variants", "unavailable", "micro",
+                "memory_kind", "timing"):  # fmt: skip
+        assert key in rec, key
+    assert rec["device"]["type"] == "cpu" and rec["device"]["name"]
+    assert rec["versions"]["torch"] == torch.__version__
+    assert rec["settings"]["steps"] == 2 and rec["settings"]["frames"] == 1
+    assert rec["memory_kind"] in ("process_rss_peak", "process_rss_lifetime_peak")
+    assert set(rec["variants"]) == {"baseline", "torch"}
+    assert "tensorrt" in rec["unavailable"] and rec["unavailable"]["tensorrt"]
+    for name, v in rec["variants"].items():
+        for mode in ("one_frame", "batched"):
+            m = v[mode]
+            for key in ("seconds_per_frame", "frames_per_second", "breakdown_per_frame", "unet_ms_per_call",
+                        "guidance_update_ms_per_step", "peak_memory_bytes", "flops_per_frame", "achieved_tflops",
+                        "speedup_vs_baseline"):  # fmt: skip
+                assert key in m, (name, mode, key)
+            assert set(m["breakdown_per_frame"]) == {"encode_s", "unet_s", "guidance_update_s", "decode_s", "other_s"}
+            # PNDM at 2 steps (skip_prk_steps): 3 UNet calls, each followed by one update
+            assert m["calls"]["unet"] == m["calls"]["guidance_update"] == 3
+            assert m["seconds_per_frame"]["p95"] >= m["seconds_per_frame"]["median"] >= m["seconds_per_frame"]["min"]
+    assert rec["variants"]["baseline"]["one_frame"]["speedup_vs_baseline"] == 1.0
+    bad = [(p, x) for p, x in _numbers({k: rec[k] for k in ("variants", "flops", "micro")})
+           if not (math.isfinite(x) and x > 0)]  # fmt: skip
+    assert not bad, bad
+    assert "skipped" in rec["micro"]["fused_step"]  # CUDA only
+    assert set(rec["micro"]["unet_call"]["median_ms_per_call"]) == {"baseline", "torch"}
+
+
+def test_flop_count_matches_performance_doc_for_sd15():
+    """On a meta copy, the SD 1.5-size UNet at 80 x 64 costs ~1.04 TFLOP per sample (performance.md: ~1.05)."""
+    from dreampose.model import DreamPoseModel
+    from dreampose_rt.benchmarks.measure import dreampose_flops
+
+    with torch.device("meta"):
+        model = DreamPoseModel.sd15_random()
+    f = dreampose_flops(model)
+    assert 0.95e12 < f["unet_per_sample"] < 1.15e12
+    assert 2.9e12 < f["vae_decode_per_frame"] < 3.5e12
+
+
+def test_flop_count_includes_attention_and_uses_a_meta_copy(tiny_model):
+    """Attention is counted on meta (4 B H L^2 D for QK^T and PV), and the copy leaves the model untouched."""
+    from dreampose_rt.benchmarks.measure import count_flops, meta_copy
+
+    b, heads, length, d = 2, 4, 96, 16
+    q = torch.empty(b, heads, length, d, device="meta")
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == 4 * b * heads * length**2 * d
+    meta = meta_copy(tiny_model)
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    assert all(p.device.type == "cpu" for p in tiny_model.parameters())
+
+
+def test_peak_table_and_settings_checks():
+    from dreampose_rt.benchmarks.measure import device_peak_tflops
+    from dreampose_rt.benchmarks.suite import BenchSettings
+
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3")[0] == 800.0
+    assert device_peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB")[0] == 312.0
+    assert device_peak_tflops("Some Future GPU")[0] is None
+    with pytest.raises(DreamPoseError, match="unknown backend"):
+        BenchSettings(backends=["torch", "tensorflow"]).validate()
+    with pytest.raises(DreamPoseError, match="frames_per_batch"):
+        BenchSettings(frames=2, frames_per_batch=3).validate()
