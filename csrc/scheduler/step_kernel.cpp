@@ -236,7 +236,8 @@ template <typename T>
 void run(const StepRow& row, const StepBuffers& buf, const Guidance& g, int num_threads) {
   const int64_t N = buf.numel;
   if (num_threads <= 0) {
-    const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    // hardware_concurrency() reads sysfs (several us): ask once per process, not once per step.
+    static const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
     num_threads = static_cast<int>(std::max<int64_t>(1, std::min(hw, N / kGrainPerThread)));
   }
   if (num_threads <= 1 || N < 2 * kBlock) {

@@ -205,11 +205,17 @@ class DiffusionScheduler:
     def _check_timestep(self, timestep: int | torch.Tensor) -> int:
         if self._step_index is None:
             raise ValueError(f"{type(self).__name__}: step called before set_timesteps")
+        # Compare as Python numbers: `int != tensor` would launch tensor ops (tens of us per step).
+        value = timestep
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be a scalar, got a tensor of shape {tuple(timestep.shape)}")
+            value = timestep.item()
         try:
-            t = int(timestep)
-        except (TypeError, ValueError, RuntimeError) as exc:
+            t = int(value)
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"timestep {timestep!r} is not an integer timestep") from exc
-        if t != timestep:
+        if t != value:
             raise ValueError(f"timestep {timestep!r} is not an integer timestep")
         k = self._step_index
         if k >= len(self._timesteps_list):
