@@ -47,6 +47,8 @@ class Backend(abc.ABC):
     #: what the backend accepts: devices ("cpu", "cuda") and precisions
     devices: tuple[str, ...] = ("cpu", "cuda")
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
+    #: whether the Runtime may capture its calls in a CUDA graph
+    graph_capturable: bool = False
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         self.model = model
@@ -80,6 +82,8 @@ class TorchBackend(Backend):
     """Eager PyTorch: the model's own modules (the reference)."""
 
     name = "torch"
+    #: its calls can be captured in a CUDA graph (no host synchronisation, no CPU-side state)
+    graph_capturable = True
 
     @torch.no_grad()
     def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +100,9 @@ class TorchBackend(Backend):
 
 
 class CompiledBackend(TorchBackend):
-    """torch.compile of the UNet and the VAE decoder (inductor). On CUDA the compiled graphs run in
-    ``max-autotune`` mode with CUDA-graph replay; on the CPU in the default mode (C++/OpenMP kernels).
+    """torch.compile of the UNet and the VAE decoder (inductor). On CUDA in ``max-autotune-no-cudagraphs``
+    mode: the Runtime captures the whole step (UNet + fused Triton update) in one CUDA graph itself; on
+    the CPU in the default mode (C++/OpenMP kernels).
     The first call at each shape compiles (tens of seconds for the tiny model on 2 CPU cores, minutes
     for SD 1.5 on a GPU); later calls replay."""
 
@@ -105,7 +110,7 @@ class CompiledBackend(TorchBackend):
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         super().__init__(model, device, dtype)
-        mode = options.get("compile_mode") or ("max-autotune" if device.type == "cuda" else None)
+        mode = options.get("compile_mode") or ("max-autotune-no-cudagraphs" if device.type == "cuda" else None)
         self._unet = torch.compile(model.unet, mode=mode, dynamic=False, fullgraph=False)
         self._decoder = torch.compile(model.vae.decoder, mode=mode, dynamic=False)
 
@@ -145,6 +150,7 @@ class EngineBackend(Backend):
     """Networks run by engines from ``build-engine`` (a folder with manifest.json)."""
 
     engine_backend = ""
+    graph_capturable = False  # ONNX Runtime synchronises; TensorRT replays its own graphs
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         super().__init__(model, device, dtype)

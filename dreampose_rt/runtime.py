@@ -91,6 +91,7 @@ class Runtime:
         self.fingerprint = fingerprint
         self.is_demo = is_demo
         self.timer: PhaseTimer | None = None
+        self.cuda_graph = True  # see _use_cuda_graph
         self._cache: OrderedDict[str, SubjectConditioning] = OrderedDict()
         self._frame_bytes: int | None = None
 
@@ -247,6 +248,8 @@ class Runtime:
             from .kernels import FusedSampler
 
             sampler = FusedSampler.from_scheduler(sched, latents, s_image, s_pose)
+            if self._use_cuda_graph():
+                return self._denoise_graph(sampler, latents, p, ehs, on_step)
             for k, t in enumerate(sched.timesteps):
                 with nvtx_range(f"step {k}"):
                     # PNDM, DDIM and DPM-Solver++ take the sample unscaled (init_noise_sigma = 1)
@@ -263,6 +266,39 @@ class Runtime:
                     eps = self.backend.unet(x, p, t, ehs)
                 with timed(self.timer, "guidance_update"):
                     latents = sched.step_guided(eps.to(latents.dtype), t, latents, s_image, s_pose, return_dict=False)[0]
+            on_step()
+        return latents
+
+    def _use_cuda_graph(self) -> bool:
+        """Replay each step from a CUDA graph: on CUDA, with the Triton data plane, a backend whose calls
+        can be captured, and no phase timer (a graph cannot be timed phase by phase)."""
+        return (self.device.type == "cuda" and self.cuda_graph and self.timer is None
+                and self.backend.graph_capturable)
+
+    def _denoise_graph(self, sampler, latents: torch.Tensor, p: torch.Tensor, ehs: torch.Tensor, on_step) -> torch.Tensor:
+        """The whole step (UNet on 3F samples + the fused update, the timestep read from the sampler's
+        device counter) captured once in a CUDA graph and replayed for every step: no host work and no
+        launch gaps between steps. One warm-up step runs first (it compiles and autotunes outside the
+        capture); the run then restarts from the noise. latents (F, C, h, w) float32 is updated in place."""
+        noise = latents.clone()
+
+        def body() -> None:
+            eps = self.backend.unet(latents.repeat(NUM_BRANCHES, 1, 1, 1), p, sampler.timestep(), ehs)
+            sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        latents.copy_(noise)
+        sampler.reset()
+        for k in range(sampler.num_steps):
+            with nvtx_range(f"step {k}"):
+                graph.replay()
             on_step()
         return latents
 
