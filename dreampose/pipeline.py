@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -59,6 +59,58 @@ def frame_noise(seed: int, index: int | None, shape: Sequence[int]) -> torch.Ten
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
 
 
+def batch_noise(seed: int, frames: Sequence[int], noise: str, shape: Sequence[int]) -> torch.Tensor:
+    """(F, *shape) float32 CPU starting noise for the given frame indices (see :func:`frame_noise`)."""
+    if noise == "shared":
+        return frame_noise(seed, None, shape).unsqueeze(0).repeat(len(frames), *([1] * len(shape)))
+    return torch.stack([frame_noise(seed, i, shape) for i in frames])
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampler's settings of one render, defaults filled in from the model's config and checked."""
+
+    steps: int
+    scheduler: str
+    s_image: float
+    s_pose: float
+    noise: str
+
+    @classmethod
+    def resolve(
+        cls, config: Any, steps: int | None, scheduler: str, s_image: float | None, s_pose: float | None, noise: str
+    ) -> "SamplingSettings":
+        """Fill None with ``config``'s defaults (a DreamPoseConfig) and check every value."""
+        steps = config.num_inference_steps if steps is None else steps
+        s_image = config.s_image if s_image is None else float(s_image)
+        s_pose = config.s_pose if s_pose is None else float(s_pose)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise DreamPoseError(f"steps must be a positive integer, got {steps!r}")
+        if scheduler not in SCHEDULERS:
+            raise DreamPoseError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        for name, s in (("s_image", s_image), ("s_pose", s_pose)):
+            if not np.isfinite(s):
+                raise DreamPoseError(f"{name} must be finite, got {s}")
+        if noise not in NOISE_MODES:
+            raise DreamPoseError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+        return cls(steps, scheduler, s_image, s_pose, noise)
+
+
+def resolve_frames(frames: Sequence[int] | None, n_total: int) -> list[int]:
+    """The frame indices to render (all by default), checked against the number of poses."""
+    out = list(range(n_total)) if frames is None else [int(i) for i in frames]
+    bad = [i for i in out if not 0 <= i < n_total]
+    if bad:
+        raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses")
+    return out
+
+
+def check_frames_per_batch(frames_per_batch: int) -> int:
+    if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, int) or frames_per_batch < 1:
+        raise DreamPoseError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
+    return frames_per_batch
+
+
 class DreamPosePipeline:
     """Renders a subject image along a pose sequence, one video frame per pose.
 
@@ -93,24 +145,16 @@ class DreamPosePipeline:
     # ---- 1. inputs --------------------------------------------------------------------------------
     def check_inputs(
         self,
-        steps: int,
+        steps: int | None,
         scheduler: str,
-        s_image: float,
-        s_pose: float,
+        s_image: float | None,
+        s_pose: float | None,
         noise: str,
         frames_per_batch: int,
-    ) -> None:
-        if not isinstance(steps, int) or steps < 1:
-            raise DreamPoseError(f"steps must be a positive integer, got {steps!r}")
-        if scheduler not in SCHEDULERS:
-            raise DreamPoseError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        for name, s in (("s_image", s_image), ("s_pose", s_pose)):
-            if not np.isfinite(s):
-                raise DreamPoseError(f"{name} must be finite, got {s}")
-        if noise not in NOISE_MODES:
-            raise DreamPoseError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        if frames_per_batch < 1:
-            raise DreamPoseError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
+    ) -> SamplingSettings:
+        """Defaults from the model's config, then every setting checked (DreamPoseError names the value)."""
+        check_frames_per_batch(frames_per_batch)
+        return SamplingSettings.resolve(self.model.config, steps, scheduler, s_image, s_pose, noise)
 
     # ---- 2. conditioning ----------------------------------------------------------------------
     @torch.no_grad()
@@ -131,11 +175,7 @@ class DreamPosePipeline:
     # ---- 4. noise -------------------------------------------------------------------------------
     def initial_noise(self, frames: Sequence[int], seed: int, noise: str) -> torch.Tensor:
         """(F, C, h, w) float32 starting latents (before init_noise_sigma) for the given frame indices."""
-        shape = (self.model.latent_channels, *self.model.latent_size)
-        if noise == "shared":
-            x = frame_noise(seed, None, shape)
-            return x.unsqueeze(0).repeat(len(frames), 1, 1, 1).to(self.device)
-        return torch.stack([frame_noise(seed, i, shape) for i in frames]).to(self.device)
+        return batch_noise(seed, frames, noise, (self.model.latent_channels, *self.model.latent_size)).to(self.device)
 
     # ---- 5. denoising ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,17 +236,10 @@ class DreamPosePipeline:
         """Yield (frame index, uint8 frame (H, W, 3)) as frames finish. Arguments as in ``__call__``."""
         from tqdm.auto import tqdm
 
-        c = self.model.config
-        steps = c.num_inference_steps if steps is None else steps
-        s_image = c.s_image if s_image is None else float(s_image)
-        s_pose = c.s_pose if s_pose is None else float(s_pose)
-        self.check_inputs(steps, scheduler, s_image, s_pose, noise, frames_per_batch)
+        steps, scheduler, s_image, s_pose, noise = astuple(
+            self.check_inputs(steps, scheduler, s_image, s_pose, noise, frames_per_batch))
         pose_seq = self.prepare_poses(poses)
-        n_total = pose_seq.shape[0]
-        frames = list(range(n_total)) if frames is None else [int(i) for i in frames]
-        bad = [i for i in frames if not 0 <= i < n_total]
-        if bad:
-            raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses")
+        frames = resolve_frames(frames, pose_seq.shape[0])
         subject = self.encode_subject(image)
 
         probe = self.scheduler_factory(scheduler, self.model.scheduler_config)

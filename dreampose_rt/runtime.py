@@ -19,6 +19,7 @@ import hashlib
 import logging
 import sys
 from collections import OrderedDict
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,8 +29,15 @@ import torch
 from dreampose.guidance import NUM_BRANCHES, branch_batch
 from dreampose.images import ImageLike, load_image, to_uint8
 from dreampose.model import DreamPoseModel
-from dreampose.pipeline import NOISE_MODES, SubjectConditioning, frame_noise
+from dreampose.pipeline import (
+    SamplingSettings,
+    SubjectConditioning,
+    batch_noise,
+    check_frames_per_batch,
+    resolve_frames,
+)
 from dreampose.poses import load_poses, pose_window, prepare_poses
+from dreampose.schedulers import SCHEDULERS  # noqa: F401  (re-exported: the names the runtime accepts)
 from dreampose.timing import PhaseTimer, timed
 from dreampose.utils import DreamPoseError, PathLike
 
@@ -39,7 +47,6 @@ from .profiling import nvtx_range
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEDULERS = ("pndm", "ddim", "dpmpp")
 DATA_PLANES = ("auto", "triton", "scheduler")
 MAX_AUTO_FRAMES = 16
 _CACHE_SIZE = 8
@@ -322,27 +329,11 @@ class Runtime:
         from tqdm.auto import tqdm
 
         c = self.config
-        steps = c.num_inference_steps if steps is None else steps
-        s_image = c.s_image if s_image is None else float(s_image)
-        s_pose = c.s_pose if s_pose is None else float(s_pose)
-        if not isinstance(steps, int) or steps < 1:
-            raise DreamPoseError(f"steps must be a positive integer, got {steps!r}")
-        if scheduler not in SCHEDULERS:
-            raise DreamPoseError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if noise not in NOISE_MODES:
-            raise DreamPoseError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        for name, s in (("s_image", s_image), ("s_pose", s_pose)):
-            if not np.isfinite(s):
-                raise DreamPoseError(f"{name} must be finite, got {s}")
+        steps, scheduler, s_image, s_pose, noise = astuple(
+            SamplingSettings.resolve(c, steps, scheduler, s_image, s_pose, noise))
         pose_arr = load_poses(poses)
-        n_total = len(pose_arr)
-        frames = list(range(n_total)) if frames is None else [int(i) for i in frames]
-        bad = [i for i in frames if not 0 <= i < n_total]
-        if bad:
-            raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses")
-        fpb = self.auto_frames_per_batch() if frames_per_batch is None else int(frames_per_batch)
-        if fpb < 1:
-            raise DreamPoseError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
+        frames = resolve_frames(frames, len(pose_arr))
+        fpb = self.auto_frames_per_batch() if frames_per_batch is None else check_frames_per_batch(frames_per_batch)
 
         subject = self.encode(image)
         pose_seq = prepare_poses(pose_arr, (c.height, c.width), self.model.latent_size, self.device)
@@ -358,10 +349,7 @@ class Runtime:
         )
         try:
             for batch in todo:
-                if noise == "shared":
-                    start = frame_noise(seed, None, shape).unsqueeze(0).repeat(len(batch), 1, 1, 1)
-                else:
-                    start = torch.stack([frame_noise(seed, i, shape) for i in batch])
+                start = batch_noise(seed, batch, noise, shape)
                 window = pose_window(pose_seq, batch, c.n_poses)
                 latents = self._denoise(subject, window, start.to(self.device), scheduler, steps, s_image, s_pose,
                                         on_step=lambda n=len(batch): bar.update(n / n_calls))
