@@ -30,7 +30,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         device=args.device, model=args.model, frames=args.frames, frames_per_batch=args.frames_per_batch,
         steps=args.steps, scheduler=args.scheduler, baseline_steps=args.baseline_steps, backends=args.backends,
-        precision=args.precision, repeats=args.repeats, warmup=args.warmup, seed=args.seed, engines=args.engines,
+        precision=args.precision, repeats=args.repeats, warmup=args.warmup,
+        breakdown_rounds=args.breakdown_rounds, seed=args.seed, engines=args.engines,
         build_engines=args.build_engines, cache_dir=args.cache_dir, compile_mode=args.compile_mode,
         peak_tflops=args.peak_tflops, micro=not args.no_micro, micro_rounds=args.micro_rounds,
     )  # fmt: skip
@@ -64,6 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="runtime backends' precision (default: fp16 on CUDA, fp32 on the CPU; engines: theirs)")
     p.add_argument("--repeats", type=int, default=3, help="measured interleaved rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not measured (default: 1)")
+    p.add_argument("--breakdown-rounds", type=int, default=1,
+                   help="instrumented rounds for the phase breakdown, after the timed ones (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="model (tiny / sd15) and noise seed")
     p.add_argument("--engines", default=None, help=f"engine folder for {' / '.join(RUNTIME_BACKENDS[2:])}")
     p.add_argument("--build-engines", action="store_true",

@@ -280,6 +280,8 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings: say how busy it was
+        info["load_average_1m_at_start"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)

@@ -15,10 +15,12 @@ Variants:
 Every variant renders the same subject and poses in two modes: ``one_frame`` (the latency of one frame,
 conditioning included) and ``batched`` (T frames, F per UNet call; the baseline renders them one at a
 time, as the original did). Runs are interleaved (round r: every variant, every mode) after warm-up
-rounds; each render is timed whole (CUDA events after a synchronisation on a GPU) and by phase (encode,
-UNet calls, guidance + scheduler update, decode; see dreampose.timing). From those: seconds per frame
-(median, p95 over the rounds), frames per second, the breakdown, peak memory, and the FLOPs per frame
-(counted with torch.utils.flop_counter at the real shapes) -> achieved TFLOP/s and MFU.
+rounds; each render is timed whole (CUDA events after a synchronisation on a GPU) with no phase timer
+attached (so the runtime takes its fastest path: on CUDA it replays CUDA graphs, which cannot be timed
+phase by phase). Then ``breakdown_rounds`` instrumented rounds time each phase (encode, UNet calls,
+guidance + scheduler update, decode; see dreampose.timing). From those: seconds per frame (median, p95
+over the rounds), frames per second, the breakdown, peak memory, and the FLOPs per frame (counted with
+torch.utils.flop_counter at the real shapes) -> achieved TFLOP/s and MFU.
 
 Microbenchmarks (``micro``): the scheduler step, C++ vs diffusers (bench_scheduler); the fused Triton
 guidance + update vs eager (bench_fused_step, CUDA only); one UNet call per backend, interleaved.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -79,6 +82,7 @@ class BenchSettings:
     precision: str | None = None
     repeats: int = 3
     warmup: int = 1
+    breakdown_rounds: int = 1
     seed: int = 0
     engines: str | None = None
     build_engines: bool = False
@@ -91,7 +95,7 @@ class BenchSettings:
     def validate(self) -> None:
         from dreampose_rt.runtime import PRECISIONS, SCHEDULERS
 
-        for name in ("frames", "steps", "repeats", "micro_rounds"):
+        for name in ("frames", "steps", "repeats", "breakdown_rounds", "micro_rounds"):
             if getattr(self, name) < 1:
                 raise DreamPoseError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -123,6 +127,7 @@ class Variant:
     frames_per_batch: int
     render: Callable[[list[int], int], Any]
     timer: PhaseRecorder
+    attach: Callable[[PhaseRecorder | None], None]
     weights_bytes: int
     unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -171,7 +176,7 @@ def _baseline(models: _Models, image: np.ndarray, poses: np.ndarray, s: BenchSet
 
     model = models.get(torch.float32)
     timer = PhaseRecorder(models.device)
-    pipe = DreamPosePipeline(model, timer=timer)
+    pipe = DreamPosePipeline(model)
     steps = s.baseline_steps or s.steps
     c = model.config
 
@@ -190,7 +195,8 @@ def _baseline(models: _Models, image: np.ndarray, poses: np.ndarray, s: BenchSet
         name=BASELINE,
         description=f"original release: fp32, diffusers PNDM {steps} steps, batch 3, one frame per call, "
         "conditioning per frame",
-        precision="fp32", frames_per_batch=1, render=render, timer=timer, weights_bytes=module_bytes(model),
+        precision="fp32", frames_per_batch=1, render=render, timer=timer,
+        attach=lambda t: setattr(pipe, "timer", t), weights_bytes=module_bytes(model),
         unet=torch.no_grad()(unet), info={"steps": steps, "scheduler": "pndm (diffusers)"},
     )  # fmt: skip
 
@@ -254,7 +260,6 @@ def _runtime_variant(
         return str(e)
     rt = Runtime(model, backend, fingerprint=f"bench-{name}")
     timer = PhaseRecorder(device)
-    rt.timer = timer
     fpb = min(s.frames_per_batch or s.frames, limit)
     if fpb < (s.frames_per_batch or s.frames):
         logger.warning("bench: %s engines take at most %d frames per call; batching %d", name, limit, fpb)
@@ -276,7 +281,8 @@ def _runtime_variant(
     return Variant(
         name=name, description=f"runtime, {backend.describe()}, {s.scheduler} {s.steps} steps, "
         f"conditioning once per video, up to {fpb} frames per call",
-        precision=precision, frames_per_batch=fpb, render=render, timer=timer, weights_bytes=weights,
+        precision=precision, frames_per_batch=fpb, render=render, timer=timer,
+        attach=lambda t: setattr(rt, "timer", t), weights_bytes=weights,
         unet=torch.no_grad()(backend.unet), info=info,
     )  # fmt: skip
 
@@ -289,14 +295,17 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _summarise(
-    samples: list[dict[str, Any]], n_frames: int, frames_per_batch: int, flops: dict[str, int],
-    peak_tflops: float | None,
+    samples: list[dict[str, Any]], phased: list[dict[str, Any]], n_frames: int, frames_per_batch: int,
+    flops: dict[str, int], peak_tflops: float | None,
 ) -> dict[str, Any]:
-    """Rounds of one (variant, mode) -> the reported numbers (medians over rounds unless named)."""
+    """Rounds of one (variant, mode) -> the reported numbers (medians over rounds unless named).
+
+    ``samples``: the timed rounds {'seconds', 'memory'}; ``phased``: the instrumented rounds {'seconds', 'phases'}.
+    """
     per_frame = [r["seconds"] / n_frames for r in samples]
     med = statistics.median(per_frame)
-    phase = lambda k: [r["phases"].get(k, (0.0, 0))[0] for r in samples]  # noqa: E731
-    calls = lambda k: samples[0]["phases"].get(k, (0.0, 0))[1]  # noqa: E731
+    phase = lambda k: [r["phases"].get(k, (0.0, 0))[0] for r in phased]  # noqa: E731
+    calls = lambda k: phased[0]["phases"].get(k, (0.0, 0))[1]  # noqa: E731
     n_batches = -(-n_frames // frames_per_batch)
     unet_calls, update_calls, encodes = calls("unet"), calls("guidance_update"), calls("encode")
     breakdown = {
@@ -305,7 +314,10 @@ def _summarise(
         "guidance_update_s": statistics.median(phase("guidance_update")) / n_frames,
         "decode_s": statistics.median(phase("decode")) / n_frames,
     }
-    breakdown["other_s"] = max(med - sum(breakdown.values()), 0.0)
+    # the rest of each render (pose preparation, noise, scale_model_input, copies), per round, then the median
+    breakdown["other_s"] = statistics.median(
+        max(r["seconds"] - sum(t for t, _ in r["phases"].values()), 0.0) for r in phased
+    ) / n_frames
     calls_per_batch = unet_calls / n_batches
     flops_per_frame = (
         calls_per_batch * 3 * flops["unet_per_sample"]
@@ -317,6 +329,7 @@ def _summarise(
         "frames_per_batch": frames_per_batch,
         "unet_batch": 3 * frames_per_batch,
         "rounds": len(samples),
+        "breakdown_rounds": len(phased),
         "seconds_per_frame": {"median": med, "p95": _percentile(per_frame, 95), "min": min(per_frame)},
         "frames_per_second": 1.0 / med,
         "breakdown_per_frame": breakdown,
@@ -383,22 +396,32 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     meter = MemoryMeter(device)
     modes = {"one_frame": [0], "batched": list(range(s.frames))}
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {(v.name, m): [] for v in variants for m in modes}
-    for r in range(s.warmup + s.repeats):
-        kind = "warm-up" if r < s.warmup else f"round {r - s.warmup + 1}/{s.repeats}"
+    phased: dict[tuple[str, str], list[dict[str, Any]]] = {(v.name, m): [] for v in variants for m in modes}
+    # Timed rounds run without phase timers (on CUDA the runtime replays CUDA graphs only then); the
+    # breakdown comes from instrumented rounds after them.
+    n_rounds = s.warmup + s.repeats + s.breakdown_rounds
+    for r in range(n_rounds):
+        instrumented = r >= s.warmup + s.repeats
+        kind = ("warm-up" if r < s.warmup else f"breakdown {r - s.warmup - s.repeats + 1}/{s.breakdown_rounds}"
+                if instrumented else f"round {r - s.warmup + 1}/{s.repeats}")  # fmt: skip
         for v in variants:
+            v.attach(v.timer if instrumented else None)
             for mode, frames in modes.items():
                 fpb = 1 if mode == "one_frame" else v.frames_per_batch
                 v.timer.reset()
                 meter.start()
                 seconds = time_call(lambda: v.render(frames, fpb), device)
                 memory = meter.stop()
-                phases = v.timer.collect()
-                logger.info("bench: %s %-10s %-9s %.3f s (%.3f s/frame)", kind, v.name, mode, seconds,
+                logger.info("bench: %s %-11s %-9s %.3f s (%.3f s/frame)", kind, v.name, mode, seconds,
                             seconds / len(frames))
-                if r >= s.warmup:
+                if instrumented:
+                    phased[(v.name, mode)].append({"seconds": seconds, "phases": v.timer.collect()})
+                elif r >= s.warmup:
                     if device.type == "cuda":  # own weights + the transient peak of this render
                         memory = {"peak_bytes": v.weights_bytes + memory["peak_bytes"] - memory["before_bytes"]}
-                    raw[(v.name, mode)].append({"seconds": seconds, "phases": phases, "memory": memory})
+                    raw[(v.name, mode)].append({"seconds": seconds, "memory": memory})
+        for v in variants:
+            v.attach(None)
 
     results: dict[str, Any] = {}
     for v in variants:
@@ -406,7 +429,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
                                  "weights_bytes": v.weights_bytes, **v.info}
         for mode, frames in modes.items():
             fpb = 1 if mode == "one_frame" else v.frames_per_batch
-            entry[mode] = _summarise(raw[(v.name, mode)], len(frames), fpb, flops, peak)
+            entry[mode] = _summarise(raw[(v.name, mode)], phased[(v.name, mode)], len(frames), fpb, flops, peak)
         results[v.name] = entry
     if BASELINE in results:
         for v in variants:
@@ -415,6 +438,8 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
                 results[v.name][mode]["speedup_vs_baseline"] = base_med / results[v.name][mode]["seconds_per_frame"]["median"]
 
     micro = run_micro(variants, base, device, s) if s.micro else {}
+    if hasattr(os, "getloadavg"):
+        info["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     return {
         "benchmark": "dreampose-rt bench",
         "schema_version": SCHEMA_VERSION,
