@@ -8,6 +8,9 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
+#include <algorithm>
+#include <cstdint>
 
 #include "registry.h"
 #include "scheduler/columns.h"
@@ -179,6 +182,107 @@ struct PyPlan {
   }
 };
 
+// A run's step bound to its state once (the fast path of DiffusionScheduler.step): the state
+// pointers, the element count, the dtype and the frame count are fixed when the run's first step
+// has been checked in Python; each call then passes only the step index and the data pointers of
+// tensors that Python has checked against that signature (no buffer protocol, no py::object).
+struct PyBoundStep {
+  py::object plan_owner;   // the SchedulerPlan (its rows are read)
+  py::object state_owner;  // keeps the state tensors alive
+  const sch::Plan* plan = nullptr;
+  sch::StepBuffers buf;
+  int64_t frames = 1;
+  std::vector<float> uniform_image, uniform_pose;  // scratch for scalar guidance scales
+  int num_threads = 0;
+
+  const sch::StepRow& row(int64_t k) const {
+    const int64_t n = static_cast<int64_t>(plan->rows.size());
+    if (k < 0 || k >= n) {
+      std::ostringstream os;
+      os << "step index " << k << " is outside the schedule of " << n << " steps";
+      bad(os.str());
+    }
+    return plan->rows[k];
+  }
+
+  void run(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output, const sch::Guidance& g) const {
+    const sch::StepRow& r = row(k);
+    sch::StepBuffers b = buf;
+    b.out = reinterpret_cast<void*>(out);
+    b.sample = reinterpret_cast<const void*>(sample);
+    b.model_output = reinterpret_cast<const void*>(model_output);
+    if (!b.out || !b.sample || !b.model_output) bad("out, sample and model_output must be non-null");
+    // Below ~64K elements the step takes a few us: releasing the GIL would cost more than it frees.
+    if (b.numel >= (int64_t(1) << 16)) {
+      py::gil_scoped_release release;
+      sch::apply_step(r, b, g, num_threads);
+    } else {
+      sch::apply_step(r, b, g, num_threads);
+    }
+  }
+
+  void step(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output) const {
+    run(k, out, sample, model_output, sch::Guidance{});
+  }
+
+  void step_guided(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output, uintptr_t scale_image,
+                   uintptr_t scale_pose) const {
+    if (!scale_image || !scale_pose) bad("scale_image and scale_pose must be non-null");
+    sch::Guidance g;
+    g.enabled = true;
+    g.frames = frames;
+    g.frame_numel = buf.numel / frames;
+    g.scale_image = reinterpret_cast<const float*>(scale_image);
+    g.scale_pose = reinterpret_cast<const float*>(scale_pose);
+    run(k, out, sample, model_output, g);
+  }
+
+  // Same scales for every frame: s_I, s_p rounded to float32 as torch.full(..., dtype=float32) does.
+  void step_guided_uniform(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output, double scale_image,
+                           double scale_pose) {
+    std::fill(uniform_image.begin(), uniform_image.end(), static_cast<float>(scale_image));
+    std::fill(uniform_pose.begin(), uniform_pose.end(), static_cast<float>(scale_pose));
+    step_guided(k, out, sample, model_output, reinterpret_cast<uintptr_t>(uniform_image.data()),
+                reinterpret_cast<uintptr_t>(uniform_pose.data()));
+  }
+};
+
+PyBoundStep bind_plan(const py::object& plan_obj, int64_t numel, bool half, int64_t frames, uintptr_t history,
+                      uintptr_t saved_sample, uintptr_t accumulator, const py::object& state_owner,
+                      int num_threads) {
+  const PyPlan& p = plan_obj.cast<const PyPlan&>();
+  if (numel < 1) bad("numel must be >= 1");
+  if (frames < 1 || numel % frames != 0) {
+    std::ostringstream os;
+    os << "sample has " << numel << " elements, not divisible into F=" << frames << " frames";
+    bad(os.str());
+  }
+  PyBoundStep b;
+  b.plan_owner = plan_obj;
+  b.state_owner = state_owner;
+  b.plan = &p.plan;
+  b.frames = frames;
+  b.num_threads = num_threads;
+  b.uniform_image.assign(static_cast<size_t>(frames), 0.f);
+  b.uniform_pose.assign(static_cast<size_t>(frames), 0.f);
+  b.buf.dtype = half ? sch::DType::kFloat16 : sch::DType::kFloat32;
+  b.buf.numel = numel;
+  if (p.plan.num_history_slots > 0) {
+    if (!history) bad("history is required");
+    for (int j = 0; j < p.plan.num_history_slots; ++j)
+      b.buf.history[j] = reinterpret_cast<float*>(history) + j * numel;
+  }
+  if (p.plan.uses_saved_sample) {
+    if (!saved_sample) bad("saved_sample is required");
+    b.buf.saved_sample = reinterpret_cast<float*>(saved_sample);
+  }
+  if (p.plan.uses_accumulator) {
+    if (!accumulator) bad("accumulator is required");
+    b.buf.accumulator = reinterpret_cast<float*>(accumulator);
+  }
+  return b;
+}
+
 }  // namespace
 
 void register_scheduler(py::module_& m) {
@@ -229,6 +333,19 @@ void register_scheduler(py::module_& m) {
            py::arg("accumulator") = py::none(), py::arg("scale_image") = py::none(),
            py::arg("scale_pose") = py::none(), py::arg("num_threads") = 0,
            "Apply step k: out = row k applied to the buffers; updates history/saved_sample/accumulator.");
+
+  py::class_<PyBoundStep>(m, "SchedulerBoundStep",
+                          "A run's step bound to its state buffers (internal: takes raw data pointers that the "
+                          "caller has checked against the bound numel, dtype and frames).")
+      .def("step", &PyBoundStep::step, py::arg("k"), py::arg("out"), py::arg("sample"), py::arg("model_output"))
+      .def("step_guided", &PyBoundStep::step_guided, py::arg("k"), py::arg("out"), py::arg("sample"),
+           py::arg("model_output"), py::arg("scale_image"), py::arg("scale_pose"))
+      .def("step_guided_uniform", &PyBoundStep::step_guided_uniform, py::arg("k"), py::arg("out"),
+           py::arg("sample"), py::arg("model_output"), py::arg("scale_image"), py::arg("scale_pose"));
+  m.def("scheduler_bind", &bind_plan, py::arg("plan"), py::arg("numel"), py::arg("half"), py::arg("frames"),
+        py::arg("history"), py::arg("saved_sample"), py::arg("accumulator"), py::arg("state_owner"),
+        py::arg("num_threads") = 0,
+        "Bind a plan to a run's fp32 state buffers (data pointers; 0 for an unused buffer).");
 
   m.def("scheduler_make_plan", [](const sch::Config& cfg, int n) { return PyPlan{sch::make_plan(cfg, n)}; },
         py::arg("config"), py::arg("num_inference_steps"));

@@ -24,6 +24,9 @@ from .table import COLUMNS, NUM_COLUMNS, StepState, TableInfo, guidance_combine_
 
 logger = logging.getLogger(__name__)
 
+_Tensor = torch.Tensor
+_empty_like = torch.empty_like
+
 BACKENDS = ("auto", "cpp", "python")
 _warned_fallback = False
 
@@ -120,6 +123,9 @@ class DiffusionScheduler:
         self._state: StepState | None = None
         self._state_key: tuple | None = None
         self._state_np: dict[str, Any] = {}
+        self._fast_sig: tuple | None = None  # (sample shape, output shape, dtype) checked once per run
+        self._fast_guided_sig: tuple | None = None
+        self._bound: Any = None  # the C++ step bound to this run's state (fast path)
 
     # -- construction helpers -------------------------------------------------------------------
     @classmethod
@@ -184,6 +190,9 @@ class DiffusionScheduler:
         self._state = None
         self._state_key = None
         self._state_np = {}
+        self._fast_sig = None
+        self._fast_guided_sig = None
+        self._bound = None
 
     def coefficient_table(self) -> torch.Tensor:
         """The run's table ``(len(timesteps), NUM_COLUMNS)`` float32 (layout: :mod:`.table`)."""
@@ -203,6 +212,13 @@ class DiffusionScheduler:
         return sample
 
     def _check_timestep(self, timestep: int | torch.Tensor) -> int:
+        k = self._step_index
+        # Fast path: a Python int equal to the run's next timestep (what every loop over `timesteps` passes,
+        # after .tolist() or .item()); anything else takes the checked path below.
+        if type(timestep) is int and k is not None and k < len(self._timesteps_list) and (
+            timestep == self._timesteps_list[k]
+        ):
+            return k
         if self._step_index is None:
             raise ValueError(f"{type(self).__name__}: step called before set_timesteps")
         # Compare as Python numbers: `int != tensor` would launch tensor ops (tens of us per step).
@@ -246,6 +262,27 @@ class DiffusionScheduler:
             )
         return self._state
 
+    def _native_ok(self, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
+        return (
+            self._native is not None
+            and sample.device.type == "cpu"
+            and model_output.device.type == "cpu"
+            and sample.dtype in (torch.float32, torch.float16)
+        )
+
+    def _bind(self, sample: torch.Tensor, frames: int) -> Any:
+        """The C++ step bound to this run's state (created after the run's first checked step)."""
+        b = self._bound
+        if b is None:
+            state = self._state
+            ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
+            b = self._native.scheduler_bind(
+                self._plan, sample.numel(), sample.dtype == torch.float16, frames,
+                ptr(state.history), ptr(state.saved_sample), ptr(state.accumulator), state,
+            )  # fmt: skip
+            self._bound = b
+        return b
+
     def _apply(
         self,
         k: int,
@@ -253,21 +290,17 @@ class DiffusionScheduler:
         sample: torch.Tensor,
         scale_image: torch.Tensor | None,
         scale_pose: torch.Tensor | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         state = self._state_for(sample)
-        if (
-            self._native is not None
-            and sample.device.type == "cpu"
-            and model_output.device.type == "cpu"
-            and sample.dtype in (torch.float32, torch.float16)
-        ):
+        if self._native_ok(model_output, sample):
             x = sample.detach().contiguous()
             m = model_output.detach().contiguous()
-            out = torch.empty_like(x)
+            out = torch.empty_like(x) if out is None else out
             np_state = self._state_np
             self._plan.step(
                 k,
-                out.numpy(),
+                out.detach().numpy(),
                 x.numpy(),
                 m.numpy(),
                 np_state["history"],
@@ -279,7 +312,21 @@ class DiffusionScheduler:
             return out
         if scale_image is not None:
             model_output = guidance_combine_ref(model_output, scale_image, scale_pose)
-        return table_step_ref(self._rows[k], model_output, sample, state)
+        return table_step_ref(self._rows[k], model_output, sample, state, out)
+
+    @staticmethod
+    def _check_out(out: torch.Tensor | None, sample: torch.Tensor) -> None:
+        if out is None:
+            return
+        if not isinstance(out, torch.Tensor):
+            raise ValueError("out must be a torch tensor")
+        if out.shape != sample.shape or out.dtype != sample.dtype or out.device != sample.device:
+            raise ValueError(
+                f"out {tuple(out.shape)} {out.dtype} on {out.device} does not match sample "
+                f"{tuple(sample.shape)} {sample.dtype} on {sample.device}"
+            )
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
 
     @staticmethod
     def _check_pair(model_output: torch.Tensor, sample: torch.Tensor, rows: int) -> None:
@@ -302,17 +349,39 @@ class DiffusionScheduler:
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
+        out: torch.Tensor | None = None,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """One denoising step: the sample at the previous (less noisy) timestep.
 
         model_output: the model's prediction, same shape and dtype as ``sample`` (e.g. ``(B, 4, H, W)``).
         timestep: the run's current timestep (``timesteps[step_index]``).
         sample: the current sample ``(B, 4, H, W)``, fp32 or fp16.
+        out: optional contiguous tensor (shape, dtype and device of ``sample``; may be ``sample`` itself) that
+            receives prev_sample instead of a new tensor.
         Returns ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``; prev_sample: shape and dtype of ``sample``.
         """
         k = self._check_timestep(timestep)
+        if (
+            type(sample) is _Tensor
+            and type(model_output) is _Tensor
+            and (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
+                 model_output.device) == self._fast_sig
+            and out is None
+        ):  # fmt: skip
+            # Fast path: same signature as the run's checked first step (C++, CPU, fp32/fp16).
+            x = sample if sample.is_contiguous() else sample.contiguous()
+            m = model_output if model_output.is_contiguous() else model_output.contiguous()
+            prev = _empty_like(x)
+            self._bound.step(k, prev.data_ptr(), x.data_ptr(), m.data_ptr())
+            self._step_index = k + 1
+            return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
         self._check_pair(model_output, sample, 1)
-        prev = self._apply(k, model_output, sample, None, None)
+        self._check_out(out, sample)
+        prev = self._apply(k, model_output, sample, None, None, out)
+        if self._native_ok(model_output, sample) and sample.dim() and sample.numel():
+            self._bind(sample, sample.shape[0])
+            self._fast_sig = (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
+                              model_output.device)  # fmt: skip
         self._step_index = k + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
@@ -324,6 +393,7 @@ class DiffusionScheduler:
         guidance_scale_image: float | torch.Tensor,
         guidance_scale_pose: float | torch.Tensor,
         return_dict: bool = True,
+        out: torch.Tensor | None = None,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """Three-branch guidance combine fused with :meth:`step` (one pass over memory on the CPU).
 
@@ -331,9 +401,28 @@ class DiffusionScheduler:
             ``[F:2F]`` eIP (image + pose), ``[2F:3F]`` eI0 (image, null pose).
         sample: ``(F, C, H, W)``. guidance_scale_image (s_I), guidance_scale_pose (s_p): floats or ``(F,)``.
         The guided output is ``e00 + s_I * (eI0 - e00) + s_p * (eIP - eI0)``.
-        Returns prev_sample ``(F, C, H, W)`` like :meth:`step`.
+        Returns prev_sample ``(F, C, H, W)`` like :meth:`step` (``out``: as in :meth:`step`).
         """
         k = self._check_timestep(timestep)
+        if (
+            type(sample) is _Tensor
+            and type(model_output) is _Tensor
+            and (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
+                 model_output.device) == self._fast_guided_sig
+            and out is None
+        ):  # fmt: skip
+            # Fast path: same signature as the run's checked first step (C++, CPU, fp32/fp16).
+            ti, tp = type(guidance_scale_image), type(guidance_scale_pose)
+            if (ti is float or ti is int) and (tp is float or tp is int):
+                x = sample if sample.is_contiguous() else sample.contiguous()
+                m = model_output if model_output.is_contiguous() else model_output.contiguous()
+                prev = _empty_like(x)
+                self._bound.step_guided_uniform(
+                    k, prev.data_ptr(), x.data_ptr(), m.data_ptr(), float(guidance_scale_image),
+                    float(guidance_scale_pose),
+                )  # fmt: skip
+                self._step_index = k + 1
+                return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
         if sample.dim() < 1:
             raise ValueError("sample must have a frame dimension")
         self._check_pair(model_output, sample, 3)
@@ -351,7 +440,12 @@ class DiffusionScheduler:
                     raise ValueError(f"{name} has {t.numel()} values; expected 1 or one per frame ({frames})")
                 t = t.to("cpu").contiguous() if on_cpu else t.to(sample.device)
             scales.append(t)
-        prev = self._apply(k, model_output, sample, scales[0], scales[1])
+        self._check_out(out, sample)
+        prev = self._apply(k, model_output, sample, scales[0], scales[1], out)
+        if self._native_ok(model_output, sample) and sample.numel():
+            self._bind(sample, frames)
+            self._fast_guided_sig = (sample.shape, model_output.shape, sample.dtype, model_output.dtype,
+                                     sample.device, model_output.device)  # fmt: skip
         self._step_index = k + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
