@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -54,6 +55,10 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
         "ours_step": (ours, lambda t: ours.step(eps, t, x)),
         "ours_fused_combine_step": (fused, lambda t: fused.step_guided(eps3, t, x, s_i, s_p)),
     }
+    if "out" in inspect.signature(ours.step).parameters:  # the same step writing into a reused buffer
+        ours_out = create_scheduler("pndm", SD_PNDM, backend=backend)
+        buf = torch.empty_like(x)
+        variants["ours_step_out"] = (ours_out, lambda t: ours_out.step(eps, t, x, out=buf))
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds + 1):  # round 0 warms up
         for name, (sched, fn) in variants.items():
@@ -73,6 +78,7 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
             "ours_fused_vs_diffusers_combine_then_step": med["diffusers_combine_then_step"]
             / med["ours_fused_combine_step"],
         },
+        "notes": "ours_step_out: step(..., out=buf) into a buffer reused across steps (no new output tensor)",
         "rounds": rounds,
         "steps_per_round": len(ts),
     }

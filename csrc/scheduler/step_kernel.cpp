@@ -4,6 +4,8 @@
 #include "scheduler/step_kernel.h"
 
 #include <algorithm>
+#include <cmath>
+#include <utility>
 #include <cstring>
 #include <thread>
 #include <type_traits>
@@ -138,22 +140,103 @@ struct IO<uint16_t> {
 alignas(64) const float kZeros[kBlock] = {};
 
 // The fused update of one block: every input read once, q and out written once (to scratch, since
-// out may alias x and H[write_slot] may be one of the H read here). Buffers of a term with a zero
-// coefficient point to kZeros (adding 0 * 0 leaves the sum bit-identical to skipping the term).
-// Compiled for AVX2 and baseline x86-64, picked at load time; no FMA contraction (ISO C++ mode).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void fused_block(const StepRow& r, int64_t n, const float* __restrict__ x, const float* __restrict__ m,
-                 const float* __restrict__ s, const float* __restrict__ h0, const float* __restrict__ h1,
-                 const float* __restrict__ h2, const float* __restrict__ a, float* __restrict__ q,
-                 float* __restrict__ o) {
+// out may alias x and H[write_slot] may be one of the H read here). The generic form reads every
+// term; a term with a zero coefficient (or a missing buffer) reads kZeros, i.e. adds coef * 0.
+// No FMA contraction (ISO C++ mode; the avx2 clone does not enable FMA).
+//
+// Specialised forms drop those coef * 0 terms (s, h0, h1, h2, a) and are bit-identical: each dropped
+// term is a signed zero, and in round-to-nearest, inserting zeros into a left-to-right sum changes
+// at most the sign of a zero result; adding -0 changes nothing, and adding +0 anywhere is the same
+// as adding +0 once at the end (a sum is -0 only if every term is -0). So when some dropped term is
+// +0, the specialised form ends with "+ 0.f" (kPlusZero).
+template <bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kPlusZero>
+__attribute__((always_inline)) inline void fused_block_body(const StepRow& r, int64_t n, const float* __restrict__ x,
+                                                            const float* __restrict__ m, const float* __restrict__ s,
+                                                            const float* __restrict__ h0, const float* __restrict__ h1,
+                                                            const float* __restrict__ h2, const float* __restrict__ a,
+                                                            float* __restrict__ q, float* __restrict__ o) {
   const float qx = r.qx, qm = r.qm, ox = r.ox, om = r.om, oq = r.oq, os = r.os;
   const float oh0 = r.oh[0], oh1 = r.oh[1], oh2 = r.oh[2], oa = r.oa;
   for (int64_t k = 0; k < n; ++k) {
     const float qk = qx * x[k] + qm * m[k];
     q[k] = qk;
-    o[k] = ox * x[k] + om * m[k] + oq * qk + os * s[k] + oh0 * h0[k] + oh1 * h1[k] + oh2 * h2[k] + oa * a[k];
+    float ok = ox * x[k] + om * m[k] + oq * qk;
+    if (kS) ok = ok + os * s[k];
+    if (kH0) ok = ok + oh0 * h0[k];
+    if (kH1) ok = ok + oh1 * h1[k];
+    if (kH2) ok = ok + oh2 * h2[k];
+    if (kA) ok = ok + oa * a[k];
+    if (kPlusZero) ok = ok + 0.f;
+    o[k] = ok;
+  }
+}
+
+using BlockFn = void (*)(const StepRow&, int64_t, const float*, const float*, const float*, const float*,
+                         const float*, const float*, const float*, float*, float*);
+
+template <bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kPZ>
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2")))
+#endif
+void fused_block_avx2(const StepRow& r, int64_t n, const float* x, const float* m, const float* s, const float* h0,
+                      const float* h1, const float* h2, const float* a, float* q, float* o) {
+  fused_block_body<kS, kH0, kH1, kH2, kA, kPZ>(r, n, x, m, s, h0, h1, h2, a, q, o);
+}
+
+template <bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kPZ>
+void fused_block_base(const StepRow& r, int64_t n, const float* x, const float* m, const float* s, const float* h0,
+                      const float* h1, const float* h2, const float* a, float* q, float* o) {
+  fused_block_body<kS, kH0, kH1, kH2, kA, kPZ>(r, n, x, m, s, h0, h1, h2, a, q, o);
+}
+
+bool cpu_has_avx2() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <int kMask>
+BlockFn block_fn() {
+  constexpr bool s = kMask & 1, h0 = kMask & 2, h1 = kMask & 4, h2 = kMask & 8, a = kMask & 16, pz = kMask & 32;
+  return cpu_has_avx2() ? &fused_block_avx2<s, h0, h1, h2, a, pz> : &fused_block_base<s, h0, h1, h2, a, pz>;
+}
+
+template <int... I>
+BlockFn pick_block_fn(int mask, std::integer_sequence<int, I...>) {
+  static const BlockFn table[] = {block_fn<I>()...};
+  return table[mask];
+}
+
+// The block function for a row given which buffers exist: bit j of the mask keeps term j (s, h0, h1,
+// h2, a); a term is kept when its coefficient is nonzero and its buffer exists.
+BlockFn block_fn_for(const StepRow& r, const StepBuffers& buf) {
+  const float coefs[5] = {r.os, r.oh[0], r.oh[1], r.oh[2], r.oa};
+  const float* bufs[5] = {buf.saved_sample, buf.history[0], buf.history[1], buf.history[2], buf.accumulator};
+  int mask = 0;
+  bool plus_zero = false;
+  for (int j = 0; j < 5; ++j) {
+    if (coefs[j] != 0.f && bufs[j] != nullptr) {
+      mask |= 1 << j;
+    } else {
+      const float dropped = coefs[j] * 0.f;  // what the generic form adds for this term
+      if (dropped != 0.f) return nullptr;    // not a zero (non-finite coefficient): use the generic form
+      if (!std::signbit(dropped)) plus_zero = true;
+    }
+  }
+  if (plus_zero) mask |= 32;
+  return pick_block_fn(mask, std::make_integer_sequence<int, 64>{});
+}
+
+// The generic form (every term), kept for rows with non-finite coefficients.
+void fused_block(const StepRow& r, int64_t n, const float* x, const float* m, const float* s, const float* h0,
+                 const float* h1, const float* h2, const float* a, float* q, float* o) {
+  if (cpu_has_avx2()) {
+    fused_block_avx2<true, true, true, true, true, false>(r, n, x, m, s, h0, h1, h2, a, q, o);
+  } else {
+    fused_block_base<true, true, true, true, true, false>(r, n, x, m, s, h0, h1, h2, a, q, o);
   }
 }
 
@@ -172,6 +255,8 @@ void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, in
   constexpr bool kF32 = std::is_same<T, float>::value;
   const int64_t N = buf.numel;
   const bool need_m_acc = buf.accumulator != nullptr && (row.akeep != 0.f || row.am != 0.f || row.oa != 0.f);
+  BlockFn block = block_fn_for(row, buf);
+  if (block == nullptr) block = &fused_block;
   int64_t i = begin;
   while (i < end) {
     int64_t stop = std::min(end, i + kBlock);
@@ -213,7 +298,7 @@ void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, in
       m = ms;
     }
     auto src = [&](float coef, const float* p) { return (coef != 0.f && p != nullptr) ? p + i : kZeros; };
-    fused_block(row, n, row.ox != 0.f || row.qx != 0.f ? x : kZeros, m, src(row.os, buf.saved_sample),
+    block(row, n, row.ox != 0.f || row.qx != 0.f ? x : kZeros, m, src(row.os, buf.saved_sample),
                 src(row.oh[0], buf.history[0]), src(row.oh[1], buf.history[1]), src(row.oh[2], buf.history[2]),
                 src(row.oa, buf.accumulator), q, o);
     // state updates (after every read of this block)

@@ -315,6 +315,16 @@ class DiffusionScheduler:
         return table_step_ref(self._rows[k], model_output, sample, state, out)
 
     @staticmethod
+    def _out_ok(out: Any, sample: torch.Tensor) -> bool:
+        return (
+            type(out) is _Tensor
+            and out.shape == sample.shape
+            and out.dtype == sample.dtype
+            and out.device == sample.device
+            and out.is_contiguous()
+        )
+
+    @staticmethod
     def _check_out(out: torch.Tensor | None, sample: torch.Tensor) -> None:
         if out is None:
             return
@@ -366,12 +376,12 @@ class DiffusionScheduler:
             and type(model_output) is _Tensor
             and (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
                  model_output.device) == self._fast_sig
-            and out is None
+            and (out is None or self._out_ok(out, sample))
         ):  # fmt: skip
             # Fast path: same signature as the run's checked first step (C++, CPU, fp32/fp16).
             x = sample if sample.is_contiguous() else sample.contiguous()
             m = model_output if model_output.is_contiguous() else model_output.contiguous()
-            prev = _empty_like(x)
+            prev = _empty_like(x) if out is None else out
             self._bound.step(k, prev.data_ptr(), x.data_ptr(), m.data_ptr())
             self._step_index = k + 1
             return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
