@@ -2,13 +2,16 @@
 
 Frames are written, as they finish, to a work folder next to the output (``<OUT>.work/``: one PNG per
 frame, each written atomically, plus ``settings.json``). The same command after a crash or Ctrl-C finds
-the folder, checks that its settings are the same, and renders only the missing frames. The video is
+the folder, checks that its settings are the same, and renders only the missing frames (a folder of a
+render with other settings is never discarded silently: that is an error unless ``--restart``). The video is
 assembled from the PNGs (lossless), so a resumed render gives exactly the bytes of an uninterrupted one;
 then the work folder is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,12 +19,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from dreampose.images import ImageLike
-from dreampose.utils import PathLike, write_json
+from dreampose.pipeline import SamplingSettings, resolve_frames
+from dreampose.utils import DreamPoseError, PathLike, write_json
 from dreampose.video import frame_name, output_kind, read_png, write_frames, write_png
 
 from .runtime import Runtime
@@ -80,60 +84,104 @@ def render_to_file(
     frames: Sequence[int] | None = None,
     fps: float = 8.0,
     progress: bool = True,
+    restart: bool = False,
 ) -> RenderReport:
     """Render ``frames`` (all by default) to ``out`` (.mp4, .gif or a PNG folder), resumably.
 
-    poses: float32 (T, 2, H, W) U, V in [0, 1] (already loaded). Returns a RenderReport.
+    poses: float32 (T, 2, H, W) U, V in [0, 1] (already loaded). A work folder left by an interrupted
+    render with the same settings is resumed; one left by a render with other settings is an error
+    (its frames are not thrown away) unless ``restart`` is True. Returns a RenderReport.
     """
     out = Path(out)
     output_kind(out)  # reject an unsupported output before any work
-    frames = list(range(len(poses))) if frames is None else list(frames)
+    frames = resolve_frames(frames, len(poses))
+    sampling = SamplingSettings.resolve(runtime.config, settings.steps, settings.scheduler, settings.s_image,
+                                        settings.s_pose, settings.noise)  # defaults and explicit values alike
     pixels = runtime.load_subject(image)
-    fpb = runtime.auto_frames_per_batch() if settings.frames_per_batch is None else settings.frames_per_batch
-    identity: dict[str, Any] = {
-        "model": runtime.fingerprint,
-        "backend": runtime.backend.name,
-        "device": runtime.device.type,
-        "dtype": str(runtime.dtype),
-        "image": _digest(pixels.numpy()),
-        "poses": _digest(poses),
-        "frames": frames,
-        **asdict(settings),
-        "frames_per_batch": fpb,  # batching changes the arithmetic: part of the identity
-    }
     work = work_folder(out)
-    done = _resume(work, identity)
-    if done:
-        logger.info("resuming %s: %d of %d frames already rendered", work, len(done), len(frames))
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(work / SETTINGS, identity)
+    with _exclusive(out):
+        previous = _read_settings(work)
+        fpb = settings.frames_per_batch
+        if fpb is None:  # auto batching depends on free memory: a resumed render keeps the first run's choice
+            fpb = previous.get("frames_per_batch") if previous else None
+            fpb = fpb if isinstance(fpb, int) else runtime.auto_frames_per_batch()
+        identity: dict[str, Any] = {
+            "model": runtime.fingerprint,
+            "backend": runtime.backend.name,
+            "device": runtime.device.type,
+            "dtype": str(runtime.dtype),
+            "image": _digest(pixels.numpy()),
+            "poses": _digest(poses),
+            "frames": frames,
+            **asdict(sampling),
+            "seed": settings.seed,
+            "extra": settings.extra,
+            "frames_per_batch": fpb,  # batching changes the arithmetic: part of the identity
+        }
+        done = _resume(work, previous, identity, restart)
+        if done:
+            logger.info("resuming %s: %d of %d frames already rendered", work, len(done), len(frames))
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / SETTINGS, identity)
 
-    start = time.perf_counter()
-    rendered = 0
-    for i, frame in runtime.stream(
-        poses, image, settings.steps, settings.scheduler, settings.s_image, settings.s_pose, settings.seed,
-        settings.noise, frames, fpb, progress, skip=sorted(done),
-    ):
-        write_png(frame, work / frame_name(i))
-        rendered += 1
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        rendered = 0
+        for i, frame in runtime.stream(
+            poses, image, sampling.steps, sampling.scheduler, sampling.s_image, sampling.s_pose, settings.seed,
+            sampling.noise, frames, fpb, progress, skip=sorted(done),
+        ):
+            write_png(frame, work / frame_name(i))
+            rendered += 1
+        seconds = time.perf_counter() - start
 
-    video = np.stack([read_png(work / frame_name(i)) for i in frames])
-    write_frames(video, out, fps=fps)
-    shutil.rmtree(work)
+        video = np.stack([read_png(work / frame_name(i)) for i in frames])
+        write_frames(video, out, fps=fps)
+        shutil.rmtree(work)
     return RenderReport(out, len(frames), rendered, len(frames) - rendered, seconds, runtime.backend.describe())
 
 
-def _resume(work: Path, identity: dict) -> set[int]:
-    """Frame indices already in ``work`` for a render with this identity; clears a stale folder."""
-    if not work.exists():
-        return set()
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock for rendering ``out``: a second render to the same output fails at once."""
+    lock_path = out.with_name(out.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DreamPoseError(f"{out}: another render is writing this output (lock {lock_path})") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _read_settings(work: Path) -> dict | None:
     try:
         previous = json.loads((work / SETTINGS).read_text())
     except (OSError, json.JSONDecodeError):
-        previous = None
-    if previous != json.loads(json.dumps(identity)):
-        logger.warning("%s holds frames of a different render (other settings); starting over", work)
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
+def _resume(work: Path, previous: dict | None, identity: dict, restart: bool) -> set[int]:
+    """Frame indices already in ``work`` for a render with this identity.
+
+    A folder of another render (other settings, model, image or poses) is an error naming what differs,
+    unless ``restart``: then it is removed.
+    """
+    if not work.exists():
+        return set()
+    current = json.loads(json.dumps(identity))
+    if previous != current:
+        if not restart:
+            differ = sorted(k for k in set(current) | set(previous or {}) if (previous or {}).get(k) != current.get(k))
+            raise DreamPoseError(
+                f"{work} holds frames of another render ({', '.join(differ) or 'unreadable settings'} differ); "
+                "run the same command as before to resume it, or pass --restart to discard it"
+            )
+        logger.warning("%s holds frames of another render; --restart: discarding it", work)
         shutil.rmtree(work)
         return set()
     return {i for i in identity["frames"] if (work / frame_name(i)).is_file()}

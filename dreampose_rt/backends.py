@@ -142,7 +142,9 @@ class CompiledBackend(TorchBackend):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.model.vae
-        z = vae.post_quant_conv(latents.to(self.dtype) / self.model.scaling_factor)
+        z = latents.to(self.dtype) / self.model.scaling_factor
+        if getattr(vae, "post_quant_conv", None) is not None:  # absent when use_post_quant_conv=False
+            z = vae.post_quant_conv(z)
         return self._decoder(z).clone()
 
 
@@ -163,6 +165,12 @@ class EngineBackend(Backend):
         self.engine_dir = Path(engines)
         manifest = check_manifest(self.engine_dir, self.engine_backend, model)
         self.precision = manifest["precision"]
+        want = {"fp32": torch.float32, "fp16": torch.float16}.get(self.precision)
+        if want != dtype:
+            raise DreamPoseError(
+                f"{self.engine_dir}: engines were built in {self.precision} but {str(dtype).replace('torch.', '')} "
+                f"was asked for; leave --precision out to use theirs, or rebuild"
+            )
         hashes = None
         if options.get("check_weights", True):  # engines must hold this model's weights (else: refit/rebuild)
             from .export.networks import make_wrapper

@@ -67,7 +67,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         noise=args.noise, frames_per_batch=args.frames_per_batch,
     )
     report = render_to_file(rt, args.out, poses, args.image, settings, frames=frames, fps=args.fps,
-                            progress=not args.quiet)
+                            progress=not args.quiet, restart=args.restart)
     logger.info(
         "wrote %s: %d frames of %d x %d; %d rendered in %.1f s (%.2f s per frame), %d resumed; backend %s",
         report.out, report.frames, c.width, c.height, report.rendered, report.seconds, report.seconds_per_frame,
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default="shared", choices=["shared", "per-frame"], help="one noise for all frames, or one per frame")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--frames", help="frames to render, A:B (half-open)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the frames an interrupted render with other settings left in <OUT>.work")
     p.add_argument("--frames-per-batch", type=int, default=None,
                    help="frames per UNet call (batch 3 x F; default: 1 on the CPU, from free memory on a GPU)")
     p.add_argument("--backend", default="auto", help="auto, torch, compiled, onnxruntime or tensorrt")
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 PLUGIN_MODULES = (
     "dreampose_rt.export.cli",  # build-engine
     "dreampose.training.cli",  # train, finetune, data preparation
+    "dreampose_rt.evaluate",  # evaluate
     "dreampose_rt.benchmarks.cli",  # bench
 )
 
@@ -155,10 +158,11 @@ def _plugin_parsers() -> list[Callable]:
     for name in PLUGIN_MODULES:
         try:
             module = importlib.import_module(name)
-        except ImportError as e:  # optional parts (onnx for build-engine) may be missing
-            if e.name is not None and name.startswith(e.name):
-                continue  # the module itself does not exist (yet)
-            logger.debug("%s unavailable: %s", name, e)
+        except ImportError as e:
+            missing = e.name or ""
+            if missing.split(".")[0] in ("dreampose", "dreampose_rt") and not name.startswith(missing):
+                raise  # a bug in the project's own code: never hide it
+            logger.debug("%s unavailable: %s", name, e)  # an optional dependency (onnx, ...) is missing
             continue
         registers.append(module.add_parser)
     return registers

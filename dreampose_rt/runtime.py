@@ -224,8 +224,11 @@ class Runtime:
     def _scheduler(self, name: str, steps: int):
         from .scheduler import create_scheduler
 
-        sched = create_scheduler(name, dict(self.model.scheduler_config))
-        sched.set_timesteps(steps, device=self.device)
+        try:
+            sched = create_scheduler(name, dict(self.model.scheduler_config))
+            sched.set_timesteps(steps, device=self.device)
+        except ValueError as e:  # an option of the model's scheduler config this scheduler refuses
+            raise DreamPoseError(f"scheduler {name!r} with {steps} steps and the model's scheduler config: {e}") from None
         return sched
 
     def data_plane(self) -> str:
@@ -272,7 +275,8 @@ class Runtime:
                 with timed(self.timer, "unet"):
                     eps = self.backend.unet(x, p, t, ehs)
                 with timed(self.timer, "guidance_update"):
-                    latents = sched.step_guided(eps.to(latents.dtype), t, latents, s_image, s_pose, return_dict=False)[0]
+                    # in place: no new tensor per step (allocating and first-touching one costs more than the step)
+                    sched.step_guided(eps.to(latents.dtype), t, latents, s_image, s_pose, return_dict=False, out=latents)
             on_step()
         return latents
 

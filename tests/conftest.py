@@ -27,10 +27,23 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """The tiny random DreamPose (64 x 48), shared read-only by the tests of a session."""
+    """The tiny random DreamPose (64 x 48), shared read-only by the tests of a session.
+
+    Its zero-initialised parts (the pose columns of conv_in, the VAE-token columns of the adapter) are
+    randomised, as training would make them: with them at zero, the poses and the subject's latents
+    would not reach the output, and no test could see a wrong pose window or a swapped branch.
+    """
     from dreampose.model import DreamPoseModel
 
-    return DreamPoseModel.tiny(seed=0)
+    model = DreamPoseModel.tiny(seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w = model.unet.conv_in.weight
+        w[:, 4:].copy_(torch.randn(w[:, 4:].shape, generator=g) * w[:, :4].std())
+        n = model.adapter.config.clip_tokens
+        lin = model.adapter.linear1.weight
+        lin[:, n:].copy_(torch.randn(lin[:, n:].shape, generator=g) * 0.2)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -145,20 +145,21 @@ def test_a_killed_render_resumes_to_the_same_bytes(tmp_path, tiny_model_dir, sub
     from PIL import Image
 
     Image.fromarray(subject_image).save(tmp_path / "s.png")
-    np.save(tmp_path / "p.npy", pose_seq)
+    poses = np.concatenate([pose_seq] * 4)  # 24 frames: far more than can finish between two polls
+    np.save(tmp_path / "p.npy", poses)
     cmd = [sys.executable, "-m", "dreampose_rt.cli", "animate", "--image", str(tmp_path / "s.png"),
-           "--poses", str(tmp_path / "p.npy"), "--model", str(tiny_model_dir), "--steps", "15", "--quiet",
+           "--poses", str(tmp_path / "p.npy"), "--model", str(tiny_model_dir), "--steps", "8", "--quiet",
            "--noise", "per-frame", "--device", "cpu"]
     out = tmp_path / "resumed.mp4"
     work = tmp_path / "resumed.mp4.work"
     proc = subprocess.Popen(cmd + ["--out", str(out)], start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(work.glob("frame_*.png"))) < 2 and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(list(work.glob("frame_*.png")))
-    assert 2 <= done_before < len(pose_seq), "the render must be killed midway for this test to mean anything"
+    assert 2 <= done_before < len(poses), "the render must be killed midway for this test to mean anything"
     assert not out.exists()
     assert subprocess.run(cmd + ["--out", str(out)]).returncode == 0
     assert not work.exists()
@@ -167,8 +168,8 @@ def test_a_killed_render_resumes_to_the_same_bytes(tmp_path, tiny_model_dir, sub
     assert out.read_bytes() == fresh.read_bytes()
 
 
-def test_a_stale_work_folder_is_not_reused(tmp_path, torch_rt, subject_image, pose_seq):
-    from dreampose.video import frame_name, write_png
+def test_a_work_folder_of_another_render_is_kept_unless_restart(tmp_path, torch_rt, subject_image, pose_seq):
+    from dreampose.video import frame_name, read_png, write_png
     from dreampose_rt.animate import RenderSettings, render_to_file, work_folder
 
     out = tmp_path / "pngs"
@@ -176,51 +177,49 @@ def test_a_stale_work_folder_is_not_reused(tmp_path, torch_rt, subject_image, po
     work.mkdir()
     (work / "settings.json").write_text('{"seed": 99}')
     write_png(np.zeros((64, 48, 3), np.uint8), work / frame_name(0))  # a frame of another render
-    report = render_to_file(torch_rt, out, pose_seq[:2], subject_image, RenderSettings(steps=2), progress=False)
-    assert report.rendered == 2 and report.resumed == 0
+    with pytest.raises(DreamPoseError, match=r"holds frames of another render \(.*seed.*\).*--restart"):
+        render_to_file(torch_rt, out, pose_seq[:2], subject_image, RenderSettings(steps=2), progress=False)
+    assert (work / frame_name(0)).is_file()  # nothing was thrown away
+    report = render_to_file(torch_rt, out, pose_seq[:2], subject_image, RenderSettings(steps=2), progress=False,
+                            restart=True)
+    assert report.rendered == 2 and report.resumed == 0 and not work.exists()
     expected = torch_rt.render(pose_seq[:2], image=subject_image, steps=2)
-    from dreampose.video import read_png
-
     assert np.array_equal(read_png(out / frame_name(0)), expected[0])
 
 
-def test_triton_data_plane_matches_the_scheduler_step(tiny_model_dir, subject_image, pose_seq):
-    """The fused Triton kernel (through TRITON_INTERPRET=1 here) drives the loop like the C++ step."""
-    from dreampose_rt.kernels import kernel_available
+def test_defaults_and_explicit_values_are_the_same_render(tmp_path, torch_rt, subject_image, pose_seq):
+    """Resuming with --s-image 8 after a run that used the default 8 resumes; it is the same render."""
+    import dreampose_rt.animate as animate
+    from dreampose.video import frame_name
+    from dreampose_rt.animate import RenderSettings, render_to_file, work_folder
 
-    ok, reason = kernel_available()
-    assert ok, reason  # conftest sets TRITON_INTERPRET=1 before triton is imported
-    kw = dict(image=subject_image, steps=3, frames_per_batch=2, noise="per-frame")
-    fused = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cpu", data_plane="triton")
-    plain = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cpu", data_plane="scheduler")
-    assert fused.data_plane() == "triton" and plain.data_plane() == "scheduler"
-    for scheduler in ("pndm", "dpmpp"):
-        _close(fused.render(pose_seq[:2], scheduler=scheduler, **kw), plain.render(pose_seq[:2], scheduler=scheduler, **kw))
-    with pytest.raises(DreamPoseError, match="unknown data plane"):
-        Runtime.from_pretrained(tiny_model_dir, backend="torch", data_plane="cuda")
+    out = tmp_path / "o.gif"
+    with pytest.raises(KeyboardInterrupt):  # interrupt the first render after its first frame
+        real = animate.write_png
+
+        def interrupt_after_one(frame, path):
+            real(frame, path)
+            raise KeyboardInterrupt
+
+        animate.write_png = interrupt_after_one
+        try:
+            render_to_file(torch_rt, out, pose_seq[:3], subject_image, RenderSettings(steps=2), progress=False)
+        finally:
+            animate.write_png = real
+    assert (work_folder(out) / frame_name(0)).is_file()
+    c = torch_rt.config
+    explicit = RenderSettings(steps=2, s_image=c.s_image, s_pose=c.s_pose)
+    report = render_to_file(torch_rt, out, pose_seq[:3], subject_image, explicit, progress=False)
+    assert report.resumed == 1 and report.rendered == 2
 
 
-def test_info_lists_every_backend_with_its_status(capsys):
-    from dreampose_rt import info
+def test_two_renders_of_one_output_exclude_each_other(tmp_path):
+    from dreampose_rt.animate import _exclusive
 
-    sections = dict(info.collect())
-    rows = dict(sections["runtime backends on cpu (fp32)"])
-    assert rows["torch"] == "available"
-    assert rows["tensorrt"].startswith("unavailable: ")
-    assert set(rows) == {"tensorrt", "onnxruntime", "compiled", "torch"}
-    assert "onnxruntime" in dict(sections["export"])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "compiled"])
-def test_cuda_graph_loop_matches_the_eager_loop(tiny_model_dir, subject_image, pose_seq, backend):
-    """On CUDA the step (UNet + fused Triton update) is captured once and replayed; same frames."""
-    kw = dict(image=subject_image, steps=5, frames_per_batch=2, noise="per-frame")
-    rt = Runtime.from_pretrained(tiny_model_dir, backend=backend, device="cuda", precision="fp32")
-    assert rt.data_plane() == "triton" and rt._use_cuda_graph()
-    graphed = rt.render(pose_seq[:2], **kw)
-    rt.cuda_graph = False
-    eager = rt.render(pose_seq[:2], **kw)
-    _close(graphed, eager)
-    plain = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cpu")
-    _close(graphed, plain.render(pose_seq[:2], **kw))
+    out = tmp_path / "o.mp4"
+    with _exclusive(out):
+        with pytest.raises(DreamPoseError, match="another render is writing"):
+            with _exclusive(out):
+                pass
+    with _exclusive(out):  # released
+        pass
