@@ -54,8 +54,11 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
     out = tmp_path / "resumed"
     src = Path(cfg.output_dir) / "checkpoints" / "step_0000004"
     shutil.copytree(src, out / "checkpoints" / src.name)
+    shutil.copy(Path(cfg.output_dir) / "metrics.jsonl", out / "metrics.jsonl")  # as a crash would leave it
     resumed = train_stage1(replace(cfg, output_dir=str(out)), resume="latest")
     assert resumed.start_step == 4 and full.start_step == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps and len(steps) == len(set(steps))  # records after step 4 were not written twice
     assert resumed.losses == full.losses[4:]  # bit for bit on the CPU
     a = load_file(str(full.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(resumed.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -65,6 +68,17 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
         assert (ckpt / name).is_file(), name
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 8 and state["configs"]["stage1"]["optim"]["lr"] == 1e-3
+
+
+def test_a_fresh_run_over_checkpoints_and_a_changed_batch_are_refused(full_run, tmp_path):
+    cfg, _ = full_run
+    with pytest.raises(DreamPoseError, match="holds checkpoints of an earlier run"):
+        train_stage1(cfg)  # no --resume, into a folder with checkpoints
+    out = tmp_path / "r"
+    src = Path(cfg.output_dir) / "checkpoints" / "step_0000004"
+    shutil.copytree(src, out / "checkpoints" / src.name)
+    with pytest.raises(DreamPoseError, match="batch settings"):
+        train_stage1(replace(cfg, output_dir=str(out), batch_size=8), resume="latest")
 
 
 def test_dropped_conditioning_is_the_pipelines_null_conditioning(tiny_model, pose_seq):

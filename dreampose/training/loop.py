@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils import DreamPoseError, PathLike, atomic_dir, read_json, write_json
+from ..utils import DreamPoseError, PathLike, atomic_dir, atomic_file, read_json, write_json
 from .config import OptimConfig, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,22 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trim_metrics(path: Path, phase: str, step: int) -> None:
+    """Drop the records of ``phase`` after ``step`` from a metrics.jsonl (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if not (rec.get("phase") == phase and rec.get("step", 0) > step):
+            kept.append(line)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def list_checkpoints(folder: PathLike) -> list[Path]:
@@ -283,6 +299,17 @@ class Trainer:
             raise DreamPoseError(f"{path}: a checkpoint of {state.get('name')!r}, not of {self.name!r}")
         if state.get("max_steps") != self.max_steps:
             logger.warning("%s: checkpoint was made for %s steps, this run has %d", path, state.get("max_steps"), self.max_steps)
+        expected = int(state["step"]) * self.grad_accum * self.micro_batch_size
+        if state.get("samples_per_process", expected) != expected:
+            raise DreamPoseError(
+                f"{path}: saved with {state['samples_per_process']} samples per process at step {state['step']}; "
+                f"this run's batch settings give {expected}: resume with the batch settings of the checkpoint"
+            )
+        if state.get("configs") is not None and state["configs"] != json.loads(json.dumps(self.configs)):
+            differ = sorted(k for k in set(state["configs"]) | set(self.configs)
+                            if state["configs"].get(k) != json.loads(json.dumps(self.configs.get(k))))
+            logger.warning("%s: resuming with changed settings (%s); the result will differ from an "
+                           "uninterrupted run", path, ", ".join(differ))
         load_checkpoint_weights(path, self.module)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
@@ -316,9 +343,16 @@ class Trainer:
         from its ``start``-th sample; ``loss_fn(module, batch, generator)`` returns the mean loss of a batch."""
         from tqdm.auto import tqdm
 
+        if self.step == 0 and list_checkpoints(self.checkpoint_dir):
+            raise DreamPoseError(
+                f"{self.checkpoint_dir} holds checkpoints of an earlier run; resume it (--resume) or write to "
+                "another output folder (a fresh run here would mix the two)"
+            )
         if not self._prepared:
             self.prepare()
         acc, run = self.acc, self.run_cfg
+        if metrics_file is not None and acc.is_main_process:
+            _trim_metrics(Path(metrics_file), self.name, self.step)
         result = LoopResult(start_step=self.step, end_step=self.step)
         if self.step >= self.max_steps:
             return result
