@@ -4,6 +4,9 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
+# Where torch comes from. Empty: pip's configured sources (here a local CPU wheel). Elsewhere, for the
+# CPU build rather than PyPI's CUDA one: make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 DEMO_OUT ?= demo/demo.mp4
 PYTEST_ARGS ?=
 
@@ -11,7 +14,7 @@ PYTEST_ARGS ?=
 
 install:
 	# torch first, pinned, so that nothing below can swap it for a CUDA build (and never torchvision).
-	$(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install "setuptools>=68" wheel "pybind11>=2.12"
 	$(PIP) install --no-build-isolation -e ".[dev]"
 

@@ -23,8 +23,8 @@ BRANCH_IMAGE = 2  # image, null pose
 
 def _per_frame(scale: float | torch.Tensor, n_frames: int, ref: torch.Tensor, name: str) -> torch.Tensor | float:
     if isinstance(scale, torch.Tensor):
-        if scale.ndim == 0:
-            return scale.to(device=ref.device, dtype=torch.float32)
+        if scale.numel() == 1 and scale.ndim <= 1:
+            return scale.to(device=ref.device, dtype=torch.float32).reshape(())
         if scale.shape != (n_frames,):
             raise ValueError(f"{name} must be a float or a tensor of shape ({n_frames},), got {tuple(scale.shape)}")
         return scale.to(device=ref.device, dtype=torch.float32).view(n_frames, *([1] * (ref.ndim - 1)))
@@ -42,7 +42,7 @@ def combine_guidance(
     Args:
         model_output: (3F, C, h, w) UNet output in branch-major order (see the module docstring).
         n_frames: F.
-        s_image, s_pose: guidance scales, a float for all frames or a tensor (F,) with one per frame.
+        s_image, s_pose: guidance scales, a float (or 1-element tensor) for all frames, or a tensor (F,).
 
     Returns:
         (F, C, h, w) float32 guided noise prediction.

@@ -57,8 +57,9 @@ def atomic_file(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
 def atomic_dir(path: PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` (which may exist).
 
-    The old folder is moved aside first and deleted only after the new one is in place, so at every
-    moment ``path`` is either the complete old folder or the complete new one.
+    The new folder is complete before it appears under ``path``, and the old one is deleted only after
+    the new one is in place. Between the two renames (microseconds) ``path`` does not exist; it is never
+    a half-written folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,10 +72,8 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old)  # onto the empty folder just made: a unique name
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -62,6 +62,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dreampose.guidance import combine_guidance
+
 COLUMNS: tuple[str, ...] = (
     "timestep", "qx", "qm", "ox", "om", "oq", "os", "oh0", "oh1", "oh2",
     "oa", "akeep", "am", "write_slot", "save_sample",
@@ -124,14 +126,7 @@ def guidance_combine_ref(
     if model_output.shape[0] % 3:
         raise ValueError(f"model_output has {model_output.shape[0]} rows; expected 3F (three guidance branches)")
     f = model_output.shape[0] // 3
-    e = model_output.float()
-    e00, eip, ei0 = e[:f], e[f : 2 * f], e[2 * f :]
-    view = (f,) + (1,) * (e.dim() - 1)
-    s_i = torch.as_tensor(scale_image, dtype=torch.float32, device=e.device).reshape(-1)
-    s_p = torch.as_tensor(scale_pose, dtype=torch.float32, device=e.device).reshape(-1)
-    s_i = s_i.expand(f).reshape(view) if s_i.numel() == 1 else s_i.reshape(view)
-    s_p = s_p.expand(f).reshape(view) if s_p.numel() == 1 else s_p.reshape(view)
-    return (e00 + s_i * (ei0 - e00) + s_p * (eip - ei0)).to(model_output.dtype)
+    return combine_guidance(model_output, f, scale_image, scale_pose).to(model_output.dtype)
 
 
 def table_step_ref(
