@@ -391,13 +391,22 @@ class DreamPoseModel(nn.Module):
         latents = self.encode_latents(pixels)
         return self.adapter(clip_tokens.to(self.adapter.linear1.weight.dtype), latents.to(self.adapter.linear1.weight.dtype))
 
-    def encode_null_image(self, batch: int = 1) -> torch.Tensor:
-        """The null-image conditioning (B, N, D): an all-zero input through both CLIP and the VAE, then the adapter."""
+    def null_image_inputs(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's inputs for the null image: an all-zero input through CLIP and through the VAE.
+
+        Returns CLIP tokens (B, N, D) and scaled latents (B, C, h, w). The one definition of the null image:
+        inference (:meth:`encode_null_image`) and training's conditioning dropout both use it.
+        """
         c = self.config
         s = self.clip_image_size
         dev = self.device
         clip_tokens = self.encode_clip(torch.zeros(batch, 3, s, s, device=dev))
         latents = self.encode_latents(torch.zeros(batch, 3, c.height, c.width, device=dev))
+        return clip_tokens, latents
+
+    def encode_null_image(self, batch: int = 1) -> torch.Tensor:
+        """The null-image conditioning (B, N, D): :meth:`null_image_inputs` through the adapter."""
+        clip_tokens, latents = self.null_image_inputs(batch)
         dt = self.adapter.linear1.weight.dtype
         return self.adapter(clip_tokens.to(dt), latents.to(dt))
 

@@ -73,11 +73,8 @@ class FrozenEncoders:
     def null_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP tokens (1, N, D) and latents (1, 4, h, w) of the null image, as encode_null_image computes them."""
         if self._null is None:
-            m, c = self.model, self.model.config
-            s = m.clip_image_size
-            clip = m.encode_clip(torch.zeros(1, 3, s, s, device=m.device)).float()
-            lat = m.encode_latents(torch.zeros(1, 3, c.height, c.width, device=m.device)).float()
-            self._null = (clip, lat)
+            clip, lat = self.model.null_image_inputs(1)
+            self._null = (clip.float(), lat.float())
         return self._null
 
     @torch.no_grad()
