@@ -214,6 +214,13 @@ def _pattern(kind: str, freq: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown pattern {kind!r}; choose one of {PATTERNS}")
 
 
+def render_backdrop(appearance: Appearance, height: int, width: int) -> np.ndarray:
+    """The subject's background alone (no figure): float32 (H, W, 3) in [0, 1], exactly what render_figure
+    draws behind the figure (used to segment rendered frames into figure and background)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    return _backdrop(appearance, yy, xx, height, width)
+
+
 def _backdrop(app: Appearance, yy: np.ndarray, xx: np.ndarray, height: int, width: int) -> np.ndarray:
     """The background image (H, W, 3) float32 in [0, 1]."""
     c1, c2 = np.asarray(app.background, np.float32), np.asarray(app.background2, np.float32)
