@@ -1,0 +1,397 @@
+"""The evaluation harness (``dreampose-rt evaluate``): render a test set, score it, show it.
+
+The protocol (pinned; :class:`Protocol` holds it and every report records it):
+
+- Test set: SynthFashion held out (seed ``TEST_SEED`` = 1000: subjects and motions that the demo model
+  never saw; it trains on seed 0 and picks its guidance on seed 2), ``videos`` x ``n_frames`` frames; or
+  a folder in the UBC layout (the first ``videos`` videos in name order).
+- Frames: the subject image is frame ``subject_frame`` (0) of each video; the targets are frames
+  ``first_target, first_target + stride, ...`` (default 2, 4, ..., 14; at most ``max_targets``); the pose
+  windows see the whole sequence.
+- Resolution: the model's. SynthFashion renders at it; a UBC folder's frames are resized like the
+  pipeline's image loading (bicubic, antialiased), its poses bilinearly.
+- Colour range: outputs and ground truth are uint8; metrics read them as float in [0, 1].
+- Sampling: the given scheduler, steps, guidance (the model's defaults unless set), seed 0, one shared
+  noise for all frames (the paper's), all targets of a video in one batch.
+- Metrics (dreampose.metrics), per frame then averaged per video; "overall" is the mean over all frames:
+  L1, PSNR (dB, peak 1), SSIM (Gaussian 7 x 7, sigma 1.5), foreground IoU against the ground-truth
+  silhouette (SynthFashion: the exact one; UBC: where the DensePose U or V is > 0), segmenting each frame
+  by its distance to the video's background image (SynthFashion: the exact backdrop; UBC: the per-pixel
+  median of the ground-truth frames over the times the pixel is background). Beside the model, every
+  video reports two references: ``repeat`` (the subject image repeated: a baseline that ignores the
+  pose) and ``gt`` (the segmentation of the ground truth itself: the IoU's ceiling).
+- LPIPS when a local exported LPIPS module is given (``--lpips``, see docs/training.md for exporting it);
+  FID and FVD need Inception / I3D weights and are not computed by this harness.
+
+Outputs (``out_dir``): ``metrics.json`` (protocol, per video, overall, timing), ``metrics.md`` (a table)
+and ``strip.png`` (rows: subject, target pose, ground truth, output; for a few frames of the first videos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from dreampose.metrics import foreground_iou, l1, psnr, ssim, to_unit
+from dreampose.model import DreamPoseModel
+from dreampose.pipeline import DreamPosePipeline
+from dreampose.schedulers import SCHEDULERS
+from dreampose.utils import DreamPoseError, PathLike, write_json
+
+logger = logging.getLogger(__name__)
+
+TEST_SEED = 1000
+METRICS = ("l1", "psnr", "ssim", "iou")
+
+
+# --------------------------------------------------------------------------------------------------
+# Protocol and test videos
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Protocol:
+    """What is rendered and how (see the module docstring). ``data``: "synth" or a UBC-layout folder."""
+
+    data: str = "synth"
+    seed: int = TEST_SEED
+    videos: int = 8
+    n_frames: int = 16
+    subject_frame: int = 0
+    first_target: int = 2
+    stride: int = 2
+    max_targets: int = 7
+    scheduler: str = "pndm"
+    steps: int = 100
+    s_image: float | None = None
+    s_pose: float | None = None
+    sample_seed: int = 0
+    noise: str = "shared"
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise DreamPoseError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.videos < 1 or self.steps < 1 or self.stride < 1 or self.max_targets < 1:
+            raise DreamPoseError("videos, steps, stride and max_targets must be >= 1")
+
+    def targets(self, n_frames: int) -> list[int]:
+        """The target frame indices of a video of ``n_frames`` frames."""
+        out = [k for k in range(self.first_target, n_frames, self.stride) if k != self.subject_frame]
+        if not out:
+            raise DreamPoseError(f"a video of {n_frames} frames has no target frame under {self}")
+        return out[: self.max_targets]
+
+
+@dataclass
+class TestVideo:
+    """One test video at the model's resolution: images uint8 (T, H, W, 3), uv float32 (T, 2, H, W),
+    silhouette bool (T, H, W), background float32 (H, W, 3) in [0, 1]."""
+
+    name: str
+    images: np.ndarray
+    uv: np.ndarray
+    silhouette: np.ndarray
+    background: np.ndarray
+
+
+def synth_test_videos(protocol: Protocol, height: int, width: int) -> list[TestVideo]:
+    """The held-out SynthFashion videos of the protocol."""
+    from dreampose.data.figure import render_backdrop
+    from dreampose.data.synth import synth_video, video_name
+
+    out = []
+    for k in range(protocol.videos):
+        v = synth_video(protocol.seed, k, protocol.n_frames, height, width)
+        out.append(TestVideo(video_name(k), v.images, v.uv, v.silhouette, render_backdrop(v.appearance, height, width)))
+    return out
+
+
+def ubc_test_videos(protocol: Protocol, height: int, width: int) -> list[TestVideo]:
+    """The first ``protocol.videos`` videos of a UBC-layout folder, resized to height x width."""
+    import torch.nn.functional as F
+
+    from dreampose.data.dataset import UBCFolder, to_pixels
+
+    folder = UBCFolder(protocol.data)
+    out = []
+    for v in range(min(protocol.videos, len(folder))):
+        t = min(folder.frame_counts[v], protocol.n_frames) if protocol.n_frames else folder.frame_counts[v]
+        images = np.stack([
+            np.round((to_pixels(folder.frame(v, k), (height, width)).permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+            for k in range(t)
+        ])
+        uv = torch.from_numpy(np.stack([folder.pose(v, k) for k in range(t)]))
+        uv = F.interpolate(uv, size=(height, width), mode="bilinear", align_corners=False).numpy()
+        sil = (uv > 0).any(axis=1)
+        out.append(TestVideo(folder.names[v], images, uv, sil, median_background(images, sil)))
+    return out
+
+
+def median_background(images: np.ndarray, silhouette: np.ndarray) -> np.ndarray:
+    """Background estimate (H, W, 3) in [0, 1]: per pixel, the median over the frames where it is not figure;
+    pixels that are figure in every frame take the median background colour."""
+    x = to_unit(images).copy()
+    x[silhouette] = np.nan
+    bg = np.nanmedian(x, axis=0) if (~silhouette).any(axis=0).all() else _fill(x)
+    return bg.astype(np.float32)
+
+
+def _fill(x: np.ndarray) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
+        bg = np.nanmedian(x, axis=0)
+    fallback = np.nanmedian(bg.reshape(-1, 3), axis=0)
+    return np.where(np.isnan(bg), fallback[None, None], bg)
+
+
+def test_videos(protocol: Protocol, height: int, width: int) -> list[TestVideo]:
+    if protocol.data == "synth":
+        return synth_test_videos(protocol, height, width)
+    if not Path(protocol.data).is_dir():
+        raise DreamPoseError(f"{protocol.data}: test folder not found (give 'synth' or a UBC-layout folder)")
+    return ubc_test_videos(protocol, height, width)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+def score_frames(frames: np.ndarray, video: TestVideo, targets: Sequence[int],
+                 lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, list[float]]:
+    """Per-frame metrics of frames (F, H, W, 3) uint8 against the video's target frames -> {metric: [F floats]}."""
+    gt = video.images[list(targets)]
+    out = {
+        "l1": l1(frames, gt).tolist(),
+        "psnr": psnr(frames, gt).tolist(),
+        "ssim": ssim(frames, gt).tolist(),
+        "iou": foreground_iou(frames, video.silhouette[list(targets)], video.background).tolist(),
+    }
+    if lpips is not None:
+        def px(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(to_unit(a)).permute(0, 3, 1, 2) * 2 - 1
+
+        with torch.no_grad():
+            out["lpips"] = lpips(px(frames), px(gt)).reshape(len(targets)).float().tolist()
+    return out
+
+
+def _mean(d: dict[str, list[float]]) -> dict[str, float]:
+    return {k: float(np.mean(v)) for k, v in d.items()}
+
+
+@dataclass
+class VideoResult:
+    """Per-frame scores of one video: model, the repeat-subject baseline and the ground-truth ceiling (IoU)."""
+
+    name: str
+    targets: list[int]
+    model: dict[str, list[float]]
+    repeat: dict[str, list[float]]
+    gt_iou: list[float]
+    seconds: float
+    outputs: np.ndarray | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "targets": self.targets, "model": _mean(self.model), "repeat": _mean(self.repeat),
+                "gt_iou": float(np.mean(self.gt_iou)), "seconds": self.seconds,
+                "seconds_per_frame": self.seconds / len(self.targets)}
+
+
+@dataclass
+class EvalReport:
+    """The result of :func:`evaluate`: the protocol, per-video results, and overall means over all frames."""
+
+    protocol: Protocol
+    model_name: str
+    videos: list[VideoResult]
+    guidance: tuple[float, float]
+
+    def overall(self) -> dict:
+        def pool(get: Callable[[VideoResult], list[float]]) -> float:
+            return float(np.mean([x for v in self.videos for x in get(v)]))
+
+        keys = list(self.videos[0].model)
+        n = sum(len(v.targets) for v in self.videos)
+        secs = sum(v.seconds for v in self.videos)
+        return {
+            "frames": n,
+            "model": {k: pool(lambda v, k=k: v.model[k]) for k in keys},
+            "repeat": {k: pool(lambda v, k=k: v.repeat[k]) for k in keys},
+            "gt_iou": pool(lambda v: v.gt_iou),
+            "seconds_per_frame": secs / n,
+        }
+
+    def to_dict(self) -> dict:
+        return {"model": self.model_name, "protocol": dataclasses.asdict(self.protocol),
+                "guidance": {"s_image": self.guidance[0], "s_pose": self.guidance[1]},
+                "overall": self.overall(), "videos": [v.summary() for v in self.videos]}
+
+    def markdown(self) -> str:
+        keys = list(self.videos[0].model)
+        head = "| video | frames | " + " | ".join(keys) + " | IoU repeat-subject | IoU ceiling (gt) | s/frame |"
+        sep = "|" + "---|" * (len(keys) + 5)
+        fmt = {"l1": "{:.4f}", "psnr": "{:.2f}", "ssim": "{:.3f}", "iou": "{:.3f}", "lpips": "{:.3f}"}
+
+        def row(name: str, n: int, m: dict, rep_iou: float, gt: float, spf: float) -> str:
+            cells = [fmt.get(k, "{:.4f}").format(m[k]) for k in keys]
+            return f"| {name} | {n} | " + " | ".join(cells) + f" | {rep_iou:.3f} | {gt:.3f} | {spf:.3f} |"
+
+        lines = [head, sep]
+        for v in self.videos:
+            s = v.summary()
+            lines.append(row(v.name, len(v.targets), s["model"], s["repeat"]["iou"], s["gt_iou"], s["seconds_per_frame"]))
+        o = self.overall()
+        lines.append(row("**overall**", o["frames"], o["model"], o["repeat"]["iou"], o["gt_iou"], o["seconds_per_frame"]))
+        p = self.protocol
+        guide = f"s_image {self.guidance[0]:g}, s_pose {self.guidance[1]:g}"
+        return (f"Model `{self.model_name}`; test set `{p.data}` (seed {p.seed}), {p.scheduler} {p.steps} steps, "
+                f"{guide}; subject = frame {p.subject_frame}, targets {p.first_target}::{p.stride}.\n\n"
+                + "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+def evaluate(
+    model: DreamPoseModel,
+    protocol: Protocol = Protocol(),
+    model_name: str = "model",
+    lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    keep_outputs: bool = False,
+    progress: bool = False,
+) -> EvalReport:
+    """Render the protocol's test set with ``model`` (the reference pipeline) and score it.
+
+    Returns an EvalReport; with ``keep_outputs`` each VideoResult also holds the rendered frames
+    (F, H, W, 3) uint8 (for the strip image and for comparing samplers).
+    """
+    c = model.config
+    pipe = DreamPosePipeline(model)
+    s_image = c.s_image if protocol.s_image is None else protocol.s_image
+    s_pose = c.s_pose if protocol.s_pose is None else protocol.s_pose
+    results = []
+    for video in test_videos(protocol, c.height, c.width):
+        targets = protocol.targets(len(video.images))
+        subject = video.images[protocol.subject_frame]
+        t0 = time.perf_counter()
+        frames = pipe(subject, video.uv, steps=protocol.steps, scheduler=protocol.scheduler, s_image=s_image,
+                      s_pose=s_pose, seed=protocol.sample_seed, noise=protocol.noise, frames=targets,
+                      frames_per_batch=len(targets), progress=progress)
+        seconds = time.perf_counter() - t0
+        repeat = np.repeat(subject[None], len(targets), axis=0)
+        gt = video.images[targets]
+        res = VideoResult(
+            name=video.name, targets=targets, model=score_frames(frames, video, targets, lpips),
+            repeat=score_frames(repeat, video, targets, lpips),
+            gt_iou=foreground_iou(gt, video.silhouette[targets], video.background).tolist(),
+            seconds=seconds, outputs=frames if keep_outputs else None,
+        )
+        logger.info("evaluate %s: IoU %.3f (repeat-subject %.3f), SSIM %.3f, %.2f s/frame", video.name,
+                    np.mean(res.model["iou"]), np.mean(res.repeat["iou"]), np.mean(res.model["ssim"]),
+                    seconds / len(targets))
+        results.append(res)
+    return EvalReport(protocol, model_name, results, (s_image, s_pose))
+
+
+def pose_image(uv: np.ndarray) -> np.ndarray:
+    """U, V (2, H, W) in [0, 1] -> a uint8 (H, W, 3) picture: R = U, G = V, B = figure, black background."""
+    fig = (uv > 0).any(axis=0)
+    rgb = np.stack([uv[0], uv[1], fig * 0.6], axis=-1)
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def strip_image(report: EvalReport, protocol: Protocol, height: int, width: int, n_videos: int = 2,
+                n_frames: int = 4, pad: int = 2) -> np.ndarray:
+    """A side-by-side strip uint8 (rows x H, cols x W, 3): for each of the first ``n_videos`` videos, four
+    rows (subject, target pose, ground truth, output), ``n_frames`` target frames as columns."""
+    videos = test_videos(dataclasses.replace(protocol, videos=min(n_videos, protocol.videos)), height, width)
+    blocks = []
+    for video, res in zip(videos, report.videos):
+        if res.outputs is None:
+            raise DreamPoseError("strip_image needs evaluate(..., keep_outputs=True)")
+        cols = list(range(min(n_frames, len(res.targets))))
+        rows = [
+            [video.images[protocol.subject_frame]] * len(cols),
+            [pose_image(video.uv[res.targets[i]]) for i in cols],
+            [video.images[res.targets[i]] for i in cols],
+            [res.outputs[i] for i in cols],
+        ]
+        blocks.extend(rows)
+    h, w = height + pad, width + pad
+    canvas = np.full((len(blocks) * h + pad, max(len(r) for r in blocks) * w + pad, 3), 255, np.uint8)
+    for r, row in enumerate(blocks):
+        for c, img in enumerate(row):
+            canvas[pad + r * h : pad + r * h + height, pad + c * w : pad + c * w + width] = img
+    return canvas
+
+
+def write_report(report: EvalReport, out_dir: PathLike, strip: np.ndarray | None = None) -> Path:
+    """Write metrics.json, metrics.md and (if given) strip.png into ``out_dir``. Returns the folder."""
+    from dreampose.video import write_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", report.to_dict())
+    (out / "metrics.md").write_text(report.markdown())
+    if strip is not None:
+        write_png(strip, out / "strip.png")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``dreampose-rt evaluate``."""
+    p = subparsers.add_parser("evaluate", help="render a test set and report L1, PSNR, SSIM, foreground IoU",
+                              description=__doc__.split("\n\n")[0])
+    d = Protocol()
+    p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    p.add_argument("--data", default="synth", help="'synth' (SynthFashion held out) or a UBC-layout folder")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, metrics.md, strip.png")
+    p.add_argument("--videos", type=int, default=d.videos)
+    p.add_argument("--frames", type=int, default=d.n_frames, help="frames per video (SynthFashion; UBC: at most)")
+    p.add_argument("--seed", type=int, default=d.seed, help="SynthFashion seed of the test set")
+    p.add_argument("--stride", type=int, default=d.stride, help="every STRIDE-th frame is a target")
+    p.add_argument("--max-targets", type=int, default=d.max_targets)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--s-image", type=float, default=None)
+    p.add_argument("--s-pose", type=float, default=None)
+    p.add_argument("--lpips", default=None, help="a local exported LPIPS module (.pt2 or TorchScript)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .demo import demo_model
+
+    protocol = Protocol(data=args.data, seed=args.seed, videos=args.videos, n_frames=args.frames, stride=args.stride,
+                        max_targets=args.max_targets, scheduler=args.scheduler, steps=args.steps,
+                        s_image=args.s_image, s_pose=args.s_pose)
+    if args.model is None:
+        model, name = demo_model(), "demo"
+    else:
+        model, name = DreamPoseModel.from_pretrained(args.model), str(args.model)
+    model = model.to(args.device).eval()
+    lpips = None
+    if args.lpips:
+        from dreampose.training.finetune import load_perceptual_loss
+
+        lpips = load_perceptual_loss(args.lpips, model.device)
+    report = evaluate(model, protocol, name, lpips=lpips, keep_outputs=True, progress=not args.quiet)
+    strip = strip_image(report, protocol, model.config.height, model.config.width)
+    out = write_report(report, args.out, strip)
+    print(report.markdown())
+    o = report.overall()
+    logger.info("wrote %s: IoU %.3f (repeat-subject %.3f, ceiling %.3f)", out, o["model"]["iou"], o["repeat"]["iou"],
+                o["gt_iou"])
+    return 0
