@@ -161,6 +161,19 @@ def uv_to_iuv_image(uv: np.ndarray, part: np.ndarray | None = None) -> np.ndarra
     return iuv
 
 
+def resize_poses(poses: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """U, V maps (n, 2, H', W') in [0, 1] -> float32 (n, 2, H, W) at ``size`` = (H, W), bilinear.
+
+    The one resize of poses to an image size: the model's input (:func:`prepare_poses`), training data and
+    dataset preparation all use it, so a pose means the same pixels everywhere.
+    """
+    x = poses if isinstance(poses, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(poses))
+    x = x.float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x
+
+
 def prepare_poses(
     poses: np.ndarray | torch.Tensor,
     image_size: tuple[int, int],
@@ -180,8 +193,7 @@ def prepare_poses(
             "poses are %d x %d but the model renders %d x %d: the aspect ratio differs, poses are stretched",
             src_h, src_w, image_size[0], image_size[1],
         )
-    if (src_h, src_w) != tuple(image_size):
-        x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+    x = resize_poses(x, image_size)
     if tuple(image_size) != tuple(latent_size):
         x = F.interpolate(x, size=latent_size, mode="nearest")
     return x * 2.0 - 1.0

@@ -26,9 +26,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..poses import check_poses, window_indices
+from ..images import load_image
+from ..poses import check_poses, resize_poses, window_indices
 from ..utils import DreamPoseError, PathLike
 
 logger = logging.getLogger(__name__)
@@ -213,19 +213,8 @@ def draw_dropout(u: float, config: DropoutConfig) -> tuple[bool, bool]:
 # Training pairs
 # --------------------------------------------------------------------------------------------------
 def to_pixels(frame: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (H', W', 3) -> float32 (3, H, W) in [-1, 1] at ``size`` (bicubic, antialiased), as load_image."""
-    x = torch.from_numpy(np.array(frame, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
-    return x * 2.0 - 1.0
-
-
-def resize_poses(poses: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """float32 (n, 2, H', W') in [0, 1] -> (n, 2, H, W) at ``size`` (bilinear, the first step of prepare_poses)."""
-    x = torch.from_numpy(np.ascontiguousarray(poses))
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    return x
+    """uint8 (H', W', 3) -> float32 (3, H, W) in [-1, 1] at ``size``: the subject-image convention."""
+    return load_image(frame, size)[0]
 
 
 class TrainingPairs(torch.utils.data.Dataset):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..poses import load_poses
+from ..poses import load_poses, resize_poses
 from ..utils import DreamPoseError, PathLike, atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -122,9 +122,7 @@ def prepare_videos(
                 frame = frames[k] if tuple(frames[k].shape[:2]) == target else _resize_frame(frames[k], target)
                 Image.fromarray(frame).save(tmp / f"frame_{n}.png")
                 if pose_seq is not None:
-                    uv = torch.from_numpy(pose_seq[k : k + 1])
-                    if tuple(uv.shape[-2:]) != target:
-                        uv = F.interpolate(uv, size=target, mode="bilinear", align_corners=False)
+                    uv = resize_poses(pose_seq[k : k + 1], target)
                     np.save(tmp / f"frame_{n}_densepose.npy", uv[0].numpy().astype(np.float32))
         logger.info("%s: %d frames -> %s%s", path.name, len(keep), folder, "" if pose_seq is not None else " (frames only)")
         written.append(folder)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..images import load_image
 from ..model import DreamPoseModel
-from ..poses import check_poses, read_iuv_image
+from ..poses import check_poses, read_iuv_image, resize_poses
 from ..utils import DreamPoseError, PathLike, write_json
 from .augment import random_affine, transform_together, warp
 from .config import FinetuneConfig, config_to_dict, save_config
@@ -100,11 +100,8 @@ def load_subject(cfg: FinetuneConfig, size: tuple[int, int]) -> tuple[torch.Tens
         pose_path = Path(cfg.poses[k]) if cfg.poses else subject_pose_path(image)
         if not cfg.poses and not pose_path.is_file():
             raise DreamPoseError(f"{pose_path}: no pose for subject image {image} (give --poses, one per image)")
-        uv = torch.from_numpy(read_pose_file(pose_path))[None]
         images.append(load_image(image, size)[0])
-        if tuple(uv.shape[-2:]) != tuple(size):
-            uv = F.interpolate(uv, size=size, mode="bilinear", align_corners=False)
-        poses.append(uv[0])
+        poses.append(resize_poses(read_pose_file(pose_path)[None], size)[0])
     return torch.stack(images), torch.stack(poses)
 
 
