@@ -3,11 +3,22 @@
 Every function takes frames as float arrays in [0, 1] (convert uint8 with ``to_unit``), shape (H, W, 3)
 for one frame or (T, H, W, 3) for several, and returns one number per frame.
 
-Foreground segmentation of a rendered frame (:func:`foreground_mask`): the per-pixel RGB distance to the
-sequence's known background image, after removing the frame's global colour offset from that background
-(the per-channel median of frame - background over the whole frame: robust, because the background covers
-most of a fashion frame), thresholded at ``threshold`` (Euclidean RGB distance in [0, 1] units, 0.15 by
-default), then cleaned with a 3 x 3 majority vote. The same segmentation applied to the ground-truth frames
+Foreground segmentation of a rendered frame (:func:`foreground_mask`): a pixel is figure when it is far
+(Euclidean RGB distance in [0, 1] units above ``threshold``, 0.2 by default) from BOTH background models:
+
+1. the sequence's known background image, after removing the frame's global colour offset from it (the
+   per-channel median of frame - background over the whole frame: robust, because the background covers
+   most of a fashion frame);
+2. (``row_background=True``, the default) the frame's own per-row median colour: the dominant colour of
+   each row, which is background because the figure is narrower than half of every row. This accepts a
+   generated background that kept the backdrop's colours but lost its structure (a floor line, panels)
+   as background, without accepting a misplaced figure.
+
+The mask is then cleaned with a 3 x 3 majority vote. ``row_background=False`` gives the strict variant
+(the known background only), which the evaluation reports beside it as ``iou_strict``. The threshold is 0.2 rather than tighter because a generated
+frame's background comes back through the model's VAE, whose reconstruction of even a ground-truth frame
+differs from it by 0.1 - 0.2 in places. On 16 held-out SynthFashion videos the segmentation of the ground
+truth itself scores an IoU of 0.943 against the exact silhouette (strict variant: 0.969). The same segmentation applied to the ground-truth frames
 themselves gives the upper bound the harness reports beside the model.
 """
 
@@ -17,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FG_THRESHOLD = 0.15
+FG_THRESHOLD = 0.2
 SSIM_WINDOW = 7  # Gaussian window, sigma 1.5 (Wang et al. 2004 use 11 at 256 px; 7 suits 64 px frames)
 SSIM_SIGMA = 1.5
 
@@ -69,13 +80,15 @@ def ssim(pred: np.ndarray, target: np.ndarray, window: int = SSIM_WINDOW, sigma:
     return m.mean(dim=(1, 2, 3)).numpy()
 
 
-def foreground_mask(frames: np.ndarray, background: np.ndarray, threshold: float = FG_THRESHOLD) -> np.ndarray:
-    """Segment frames into figure (True) and background (False).
+def foreground_mask(frames: np.ndarray, background: np.ndarray, threshold: float = FG_THRESHOLD,
+                    row_background: bool = True) -> np.ndarray:
+    """Segment frames into figure (True) and background (False) (see the module docstring).
 
     Args:
         frames: (T, H, W, 3) or (H, W, 3), uint8 or float in [0, 1].
         background: (H, W, 3) the sequence's background image (uint8 or float in [0, 1]).
         threshold: Euclidean RGB distance (in [0, 1] units) above which a pixel is figure.
+        row_background: also treat pixels close to their row's median colour as background.
     Returns:
         bool (T, H, W) (or (H, W) for one frame).
     """
@@ -84,8 +97,11 @@ def foreground_mask(frames: np.ndarray, background: np.ndarray, threshold: float
     bg = to_unit(background)[None]
     diff = f - bg  # (T, H, W, 3)
     offset = np.median(diff.reshape(diff.shape[0], -1, 3), axis=1)[:, None, None, :]  # global colour shift
-    dist = np.sqrt(np.square(diff - offset).sum(axis=-1))  # (T, H, W)
-    raw = torch.from_numpy((dist > threshold).astype(np.float32))[:, None]
+    far = np.sqrt(np.square(diff - offset).sum(axis=-1)) > threshold  # (T, H, W)
+    if row_background:
+        row = np.median(f, axis=2, keepdims=True)  # (T, H, 1, 3) each row's dominant colour
+        far &= np.sqrt(np.square(f - row).sum(axis=-1)) > threshold
+    raw = torch.from_numpy(far.astype(np.float32))[:, None]
     votes = F.avg_pool2d(F.pad(raw, (1, 1, 1, 1), mode="replicate"), 3, stride=1)  # 3 x 3 majority
     mask = (votes[:, 0] > 0.5).numpy()
     return mask[0] if single else mask
@@ -100,7 +116,7 @@ def iou(mask: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def foreground_iou(frames: np.ndarray, silhouettes: np.ndarray, background: np.ndarray,
-                   threshold: float = FG_THRESHOLD) -> np.ndarray:
+                   threshold: float = FG_THRESHOLD, row_background: bool = True) -> np.ndarray:
     """IoU of the segmented figure of each frame against the ground-truth silhouette: (T, H, W, 3),
     bool (T, H, W), background (H, W, 3) -> (T,)."""
-    return iou(foreground_mask(frames, background, threshold), silhouettes)
+    return iou(foreground_mask(frames, background, threshold, row_background), silhouettes)

@@ -17,7 +17,8 @@ The protocol (pinned; :class:`Protocol` holds it and every report records it):
   L1, PSNR (dB, peak 1), SSIM (Gaussian 7 x 7, sigma 1.5), foreground IoU against the ground-truth
   silhouette (SynthFashion: the exact one; UBC: where the DensePose U or V is > 0), segmenting each frame
   by its distance to the video's background image (SynthFashion: the exact backdrop; UBC: the per-pixel
-  median of the ground-truth frames over the times the pixel is background). Beside the model, every
+  median of the ground-truth frames over the times the pixel is background) and to its own rows' median
+  colours (dreampose.metrics.foreground_mask); ``iou_strict`` uses the background image alone. Beside the model, every
   video reports two references: ``repeat`` (the subject image repeated: a baseline that ignores the
   pose) and ``gt`` (the segmentation of the ground truth itself: the IoU's ceiling).
 - LPIPS when a local exported LPIPS module is given (``--lpips``, see docs/training.md for exporting it);
@@ -50,7 +51,7 @@ from dreampose.utils import DreamPoseError, PathLike, write_json
 logger = logging.getLogger(__name__)
 
 TEST_SEED = 1000
-METRICS = ("l1", "psnr", "ssim", "iou")
+METRICS = ("l1", "psnr", "ssim", "iou", "iou_strict")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +174,8 @@ def score_frames(frames: np.ndarray, video: TestVideo, targets: Sequence[int],
         "psnr": psnr(frames, gt).tolist(),
         "ssim": ssim(frames, gt).tolist(),
         "iou": foreground_iou(frames, video.silhouette[list(targets)], video.background).tolist(),
+        "iou_strict": foreground_iou(frames, video.silhouette[list(targets)], video.background,
+                                     row_background=False).tolist(),
     }
     if lpips is not None:
         def px(a: np.ndarray) -> torch.Tensor:
@@ -238,7 +241,7 @@ class EvalReport:
         keys = list(self.videos[0].model)
         head = "| video | frames | " + " | ".join(keys) + " | IoU repeat-subject | IoU ceiling (gt) | s/frame |"
         sep = "|" + "---|" * (len(keys) + 5)
-        fmt = {"l1": "{:.4f}", "psnr": "{:.2f}", "ssim": "{:.3f}", "iou": "{:.3f}", "lpips": "{:.3f}"}
+        fmt = {"l1": "{:.4f}", "psnr": "{:.2f}", "ssim": "{:.3f}", "iou": "{:.3f}", "iou_strict": "{:.3f}", "lpips": "{:.3f}"}
 
         def row(name: str, n: int, m: dict, rep_iou: float, gt: float, spf: float) -> str:
             cells = [fmt.get(k, "{:.4f}").format(m[k]) for k in keys]

@@ -26,7 +26,7 @@ def test_evaluate_reports_per_video_and_overall(tiny_model, tmp_path):
     v = report.videos[0]
     assert v.targets == [2, 5] and v.outputs.shape == (2, 64, 48, 3) and v.outputs.dtype == np.uint8
     for scores in (v.model, v.repeat):
-        assert set(scores) == {"l1", "psnr", "ssim", "iou"} and all(len(x) == 2 for x in scores.values())
+        assert set(scores) == {"l1", "psnr", "ssim", "iou", "iou_strict"} and all(len(x) == 2 for x in scores.values())
     assert min(v.gt_iou) > 0.9  # the segmentation's ceiling on the ground truth itself
     o = report.overall()
     assert o["frames"] == 4

@@ -43,7 +43,19 @@ def test_segmentation_ignores_a_global_colour_shift(video):
     assert foreground_iou(shifted, video.silhouette, bg).min() > 0.85
     # the plain background (no figure) segments as empty; a wrong background does not fit
     assert not foreground_mask(bg, bg).any()
-    assert foreground_iou(video.images, video.silhouette, 1.0 - bg).mean() < 0.5
+    assert foreground_iou(video.images, video.silhouette, 1.0 - bg, row_background=False).mean() < 0.5
+
+
+def test_row_background_accepts_a_background_without_its_structure(video):
+    bg = render_backdrop(video.appearance, 64, 48)
+    frames = video.images.astype(np.float32) / 255
+    band = frames.copy()
+    band[:, 50:][~video.silhouette[:, 50:]] = [0.2, 0.6, 0.3]  # a floor the backdrop does not have
+    assert foreground_iou(band, video.silhouette, bg).min() > 0.85
+    assert foreground_iou(band, video.silhouette, bg, row_background=False).mean() < 0.8
+    # a figure drawn in the wrong place is still wrong
+    moved = np.roll(video.images, 12, axis=2)
+    assert foreground_iou(moved, video.silhouette, bg).mean() < 0.5
 
 
 def test_iou_edge_cases():
