@@ -38,6 +38,17 @@ def test_autoencoder_is_deterministic():
     assert out[0] == out[1]
 
 
+def test_autoencoder_trains_on_crops_and_runs_at_full_size():
+    vae = DreamPoseModel.tiny(seed=0, height=32, width=24).vae
+    x = frames(1)
+    res = train_autoencoder(vae, x, AutoencoderConfig(steps=30, batch_size=8, lr=2e-3, crop=(16, 12)))
+    assert sum(res.l1[-5:]) < sum(res.l1[:5])
+    with torch.no_grad():
+        assert vae.decode(vae.encode(x[:2]).latent_dist.mean).sample.shape == (2, 3, 32, 24)
+    with pytest.raises(DreamPoseError, match="crop"):
+        train_autoencoder(vae, x, AutoencoderConfig(steps=1, crop=(64, 12)))
+
+
 def test_autoencoder_checks_its_inputs():
     vae = DreamPoseModel.tiny(seed=0, height=32, width=24).vae
     with pytest.raises(DreamPoseError, match="frames must be"):
