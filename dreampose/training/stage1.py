@@ -31,6 +31,8 @@ from .loop import LoopResult, Trainer, list_checkpoints, make_accelerator
 
 logger = logging.getLogger(__name__)
 
+SYNTH_CACHE_BYTES = 512 * 2**20  # rendered SynthFashion videos kept in memory (per loader process)
+
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,8 +64,11 @@ def base_model(cfg: Stage1Config) -> DreamPoseModel:
 def video_source(cfg: Stage1Config, size: tuple[int, int]) -> VideoSource:
     """The dataset: a UBC-layout folder (checked completely now), or SynthFashion on the fly."""
     if cfg.data == "synth":
+        # keep every rendered video when they fit in SYNTH_CACHE_BYTES: random pairs then cost no re-render
+        video_bytes = cfg.synth_frames * size[0] * size[1] * (3 + 2 * 4 + 1)  # uint8 RGB, float32 U V, bool mask
+        cache = max(8, min(cfg.synth_videos, SYNTH_CACHE_BYTES // max(1, video_bytes)))
         return SynthFashion(SynthFashionConfig(seed=cfg.run.seed, n_videos=cfg.synth_videos, n_frames=cfg.synth_frames,
-                                               height=size[0], width=size[1]))
+                                               height=size[0], width=size[1]), cache_videos=cache)
     return UBCFolder(cfg.data)
 
 
