@@ -59,7 +59,7 @@ packages += ["dreampose_rt.export", "dreampose_rt.benchmarks"]
 setup(
     packages=packages,
     package_dir={"dreampose_rt.export": "export", "dreampose_rt.benchmarks": "benchmarks"},
-    package_data={"dreampose": ["configs/*/*.json", "configs/*.json"], "dreampose_rt": ["assets/*"]},
+    package_data={"dreampose": ["configs/*/*.json", "configs/*.json"], "dreampose_rt": ["assets/*", "assets/demo_model/*", "assets/demo_model/*/*"]},
     include_package_data=True,
     ext_modules=_ext_modules(),
     cmdclass=_cmdclass(),

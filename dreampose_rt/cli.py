@@ -54,7 +54,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise DreamPoseError(f"{args.image}: image not found")
     poses = load_poses(args.poses) if args.poses is not None else None
     if args.model is None:
-        logger.info("no --model: using the embedded demo model (random weights: it shows the pipeline, not the method)")
+        logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)")
     rt = Runtime.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                  engines=args.engines)
     c = rt.config

@@ -1,35 +1,92 @@
-"""The embedded demo: a model, a subject image and a pose sequence that need no downloads.
+"""The embedded demo: a trained model, a subject image and a pose sequence that ship with the package.
 
-Until a trained demo model ships (see the issue tracker), the demo model is the tiny random-initialised
-DreamPose (deterministic from its seed): the video shows the whole pipeline running, not the method's
-quality. The subject and the poses are a procedural figure (dreampose.data.figure) walking in place.
+The model (``assets/demo_model/``) is a small DreamPose trained on SynthFashion by
+``scripts/train_demo_model.py`` (seed 0; the folder's ``training.json`` records every config, the losses
+and the time). The subject (``assets/demo_subject.png``) and the poses (``assets/demo_poses.npz``, U, V
+of DEMO_FRAMES frames) are a held-out SynthFashion video (seed DEMO_VIDEO_SEED, video 0), a subject and
+motion the model never saw; the same script writes them.
+
+If the assets are missing (a source checkout without them), ``demo_model()`` raises a DreamPoseError that
+says how to make them; ``random_demo_model()`` is the untrained tiny model of the same architecture.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from dreampose.data.figure import Appearance, render_figure, render_sequence, walk_cycle
 from dreampose.model import DreamPoseModel
+from dreampose.utils import DreamPoseError
 
-DEMO_SEED = 0
-DEMO_HEIGHT = 96
-DEMO_WIDTH = 72
-DEMO_FRAMES = 12
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_MODEL_DIR = ASSETS / "demo_model"
+DEMO_SUBJECT = ASSETS / "demo_subject.png"
+DEMO_POSES = ASSETS / "demo_poses.npz"
+DEMO_SEED = 0  # the training seed of the shipped model
+DEMO_VIDEO_SEED = 3  # SynthFashion seed of the demo subject and poses (not the training seed 0)
+DEMO_HEIGHT = 64
+DEMO_WIDTH = 48
+DEMO_FRAMES = 16
 
 
-def demo_model(seed: int = DEMO_SEED) -> DreamPoseModel:
-    """The demo DreamPose: the tiny configuration at 96 x 72, random weights from ``seed``."""
+def _missing(path: Path) -> DreamPoseError:
+    return DreamPoseError(
+        f"{path}: the demo assets are missing; make them with `python scripts/train_demo_model.py` "
+        "(about 30 minutes on 2 CPU cores), or pass a model folder"
+    )
+
+
+def demo_model() -> DreamPoseModel:
+    """The shipped demo DreamPose (64 x 48, trained on SynthFashion), on the CPU in float32."""
+    if not (DEMO_MODEL_DIR / "dreampose.json").is_file():
+        raise _missing(DEMO_MODEL_DIR)
+    return DreamPoseModel.from_pretrained(DEMO_MODEL_DIR)
+
+
+def random_demo_model(seed: int = DEMO_SEED) -> DreamPoseModel:
+    """The demo's architecture with random weights (DreamPoseModel.tiny at the demo resolution)."""
     return DreamPoseModel.tiny(seed=seed, height=DEMO_HEIGHT, width=DEMO_WIDTH)
 
 
 def demo_subject(height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH) -> np.ndarray:
-    """The demo subject: uint8 (H, W, 3), the figure standing, front-on."""
-    image, _, _ = render_figure(walk_cycle(1)[0], height, width, Appearance())
-    return image
+    """The demo subject: uint8 (H, W, 3) (resized, bicubic, if another size is asked for)."""
+    from dreampose.images import load_image, to_uint8
+
+    if not DEMO_SUBJECT.is_file():
+        raise _missing(DEMO_SUBJECT)
+    return to_uint8(load_image(DEMO_SUBJECT, (height, width)))[0]
 
 
 def demo_poses(n_frames: int = DEMO_FRAMES, height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH) -> np.ndarray:
-    """The demo pose sequence: float32 (T, 2, H, W) U, V in [0, 1] of one walking cycle."""
-    _, uv, _ = render_sequence(walk_cycle(n_frames, steps_per_cycle=n_frames), height, width, Appearance())
-    return uv
+    """The demo pose sequence: float32 (n_frames, 2, H, W), U, V in [0, 1]. Longer sequences than the
+    shipped one play it forth and back; another size is resized bilinearly."""
+    if not DEMO_POSES.is_file():
+        raise _missing(DEMO_POSES)
+    with np.load(DEMO_POSES) as data:
+        uv = data["uv"].astype(np.float32)
+    if n_frames < 1:
+        raise DreamPoseError(f"n_frames must be >= 1, got {n_frames}")
+    cycle = list(range(len(uv))) + list(range(len(uv) - 2, 0, -1))
+    uv = uv[[cycle[k % len(cycle)] for k in range(n_frames)]]
+    if uv.shape[-2:] != (height, width):
+        uv = F.interpolate(torch.from_numpy(uv), size=(height, width), mode="bilinear", align_corners=False).numpy()
+    return np.ascontiguousarray(uv)
+
+
+def write_demo_inputs(assets: Path = ASSETS) -> tuple[Path, Path]:
+    """Render the demo subject (frame 0) and poses of SynthFashion video 0 of seed DEMO_VIDEO_SEED into
+    ``assets`` (demo_subject.png, demo_poses.npz). Returns their paths."""
+    from dreampose.data.synth import synth_video
+    from dreampose.video import write_png
+
+    video = synth_video(DEMO_VIDEO_SEED, 0, DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH)
+    assets.mkdir(parents=True, exist_ok=True)
+    write_png(video.images[0], assets / DEMO_SUBJECT.name)
+    np.savez_compressed(assets / DEMO_POSES.name, uv=video.uv.astype(np.float16))
+    return assets / DEMO_SUBJECT.name, assets / DEMO_POSES.name
