@@ -38,7 +38,7 @@ DEMO_FRAMES = 16
 def _missing(path: Path) -> DreamPoseError:
     return DreamPoseError(
         f"{path}: the demo assets are missing; make them with `python scripts/train_demo_model.py` "
-        "(about 30 minutes on 2 CPU cores), or pass a model folder"
+        "(about 20 minutes on one CPU core), or pass a model folder"
     )
 
 

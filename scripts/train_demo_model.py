@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded demo model: a small DreamPose on SynthFashion, on the CPU, deterministically.
 
-    python scripts/train_demo_model.py                      # ~25-30 min on 2 CPU cores
+    python scripts/train_demo_model.py                      # ~18 min on one CPU thread
     python scripts/train_demo_model.py --pilot              # a few minutes: checks that the loss falls
 
 Phases (all seeded by SEED; torch runs on NUM_THREADS CPU threads):
