@@ -81,6 +81,21 @@ def test_a_fresh_run_over_checkpoints_and_a_changed_batch_are_refused(full_run, 
         train_stage1(replace(cfg, output_dir=str(out), batch_size=8), resume="latest")
 
 
+def test_mixed_precision_leaves_the_frozen_networks_untouched(synth_dir, tmp_path):
+    """bf16 runs the frozen VAE and CLIP in bf16; the model folder must still hold their fp32 weights."""
+    from dreampose.model import DreamPoseModel
+
+    cfg = replace(_cfg(synth_dir, tmp_path / "bf16"), max_steps=2,
+                  run=RunConfig(checkpoint_every=0, keep_checkpoints=0, progress=False, mixed_precision="bf16"))
+    result = train_stage1(cfg)
+    base = DreamPoseModel.tiny(seed=cfg.run.seed, height=32, width=24)
+    trained = DreamPoseModel.from_pretrained(result.model_dir)
+    for name in ("vae", "image_encoder"):
+        a, b = getattr(base, name).state_dict(), getattr(trained, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(base.unet.conv_in.weight, trained.unet.conv_in.weight)
+
+
 def test_dropped_conditioning_is_the_pipelines_null_conditioning(tiny_model, pose_seq):
     enc = FrozenEncoders(tiny_model)
     pixels = torch.rand(3, 3, 64, 48) * 2 - 1

@@ -114,9 +114,11 @@ def train_stage1(cfg: Stage1Config, resume: str | None = None, accelerator=None)
     model.adapter.requires_grad_(True)
     frozen_dtype = _DTYPES[cfg.run.mixed_precision]
     model.to(acc.device)
-    if frozen_dtype != torch.float32:  # the frozen networks run in the training precision
-        model.vae.to(dtype=frozen_dtype)
-        model.image_encoder.to(dtype=frozen_dtype)
+    frozen_fp32: dict[str, dict[str, torch.Tensor]] = {}
+    if frozen_dtype != torch.float32:  # the frozen networks run in the training precision...
+        for name in ("vae", "image_encoder"):  # ...but the model folder gets their untouched fp32 weights
+            frozen_fp32[name] = {k: v.detach().to("cpu", copy=True) for k, v in getattr(model, name).state_dict().items()}
+            getattr(model, name).to(dtype=frozen_dtype)
     if cfg.run.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     model.eval()
@@ -146,8 +148,11 @@ def train_stage1(cfg: Stage1Config, resume: str | None = None, accelerator=None)
     # 4. the model folder (EMA weights when EMA is on), fp32 like every model folder
     trainer.trained_module(use_ema=True)
     model_dir = out / "model"
+    model.to(torch.float32)
+    for name, state in frozen_fp32.items():
+        getattr(model, name).load_state_dict(state)
     if acc.is_main_process:
-        model.to(torch.float32).save_pretrained(model_dir)
+        model.save_pretrained(model_dir)
     acc.wait_for_everyone()
     return Stage1Result(model_dir=model_dir, losses=result.losses, start_step=result.start_step, end_step=result.end_step)
 
