@@ -119,3 +119,22 @@ def test_import_release_cli(tmp_path):
                  "--sd", str(sd), "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "m2"),
                  "--height", "64", "--width", "48", "--quiet"]) == 2
     assert not (tmp_path / "m2").exists()
+
+
+def test_fast_mode_picks_the_measured_preset(tmp_path, inputs, tiny_model_dir, monkeypatch):
+    import dreampose_rt.animate as animate
+
+    seen = []
+
+    def capture(rt, out, poses, image, settings, **kw):
+        seen.append(settings)
+        raise KeyboardInterrupt  # stop before rendering: only the settings matter here
+
+    monkeypatch.setattr(animate, "render_to_file", capture)
+    image, poses = inputs
+    base = ["animate", "--image", str(image), "--poses", str(poses), "--model", str(tiny_model_dir),
+            "--out", str(tmp_path / "o.mp4"), "--quiet"]
+    assert main(base + ["--fast"]) == 130
+    assert main(base + ["--fast", "--steps", "20"]) == 130
+    assert main(base) == 130
+    assert [(s.scheduler, s.steps) for s in seen] == [("dpmpp", 15), ("dpmpp", 20), ("pndm", None)]
