@@ -52,6 +52,14 @@ def make_accelerator(run: RunConfig, cpu: bool = False):
 
     if run.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
         raise DreamPoseError("mixed_precision fp16 needs a CUDA device; use bf16 or no on the CPU")
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", run.mixed_precision) != run.mixed_precision \
+            and state.get("num_processes", 1) == 1:
+        # accelerate keeps one state per process; a second run in the same (single) process with another
+        # precision (from Python, a notebook, a test session) starts from a fresh one
+        AcceleratorState._reset_state()
     return Accelerator(mixed_precision=run.mixed_precision, cpu=cpu)
 
 
