@@ -1,11 +1,12 @@
-"""Frame metrics of the evaluation protocol: L1, PSNR, SSIM, foreground segmentation and IoU."""
+"""Metrics of the evaluation protocol: L1, PSNR, SSIM, foreground segmentation and IoU; the Fréchet distance."""
 
 import numpy as np
 import pytest
 
 from dreampose.data.figure import render_backdrop
 from dreampose.data.synth import synth_video
-from dreampose.metrics import foreground_iou, foreground_mask, iou, l1, psnr, ssim
+from dreampose.metrics import (feature_statistics, foreground_iou, foreground_mask, frechet_distance, iou, l1, psnr,
+                               ssim)
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,63 @@ def test_iou_edge_cases():
     b[1, :2] = True
     np.testing.assert_allclose(iou(a, b), [1.0, 0.0])  # both empty -> 1; disjoint -> 0
     np.testing.assert_allclose(iou(b[1], b[1]), [1.0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Fréchet distance (FID, FVD)
+# --------------------------------------------------------------------------------------------------
+def _random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_feature_statistics_match_numpy():
+    f = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    mu, sigma = feature_statistics(f)
+    assert mu.dtype == sigma.dtype == np.float64 and mu.shape == (6,) and sigma.shape == (6, 6)
+    np.testing.assert_allclose(mu, f.astype(np.float64).mean(0), atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), atol=1e-12)
+    with pytest.raises(ValueError):
+        feature_statistics(f[:1])
+
+
+def test_frechet_distance_of_identical_sets_is_zero():
+    f = np.random.default_rng(1).normal(size=(20, 64))  # N < D: a singular covariance
+    mu, sigma = feature_statistics(f)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_of_diagonal_gaussians():
+    # closed form for commuting (diagonal) covariances: |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.0])
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
+    expected = 1 + 0 + 4 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 0.5) ** 2
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    assert frechet_distance(mu1, np.eye(3), mu2, np.eye(3)) == pytest.approx(5.0, rel=1e-12)  # means only
+
+
+def test_frechet_distance_non_commuting_2d_closed_form():
+    # 2 x 2: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))
+    s1 = np.array([[2.0, 0.5], [0.5, 1.0]])
+    s2 = np.array([[1.0, -0.7], [-0.7, 3.0]])
+    tr_sqrt = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    expected = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_is_symmetric_and_non_negative():
+    rng = np.random.default_rng(2)
+    for d in (1, 5, 40):
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        s1, s2 = _random_spd(rng, d), _random_spd(rng, d)
+        ab, ba = frechet_distance(mu1, s1, mu2, s2), frechet_distance(mu2, s2, mu1, s1)
+        assert ab >= 0 and ab == pytest.approx(ba, rel=1e-8)
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    covmean = scipy_linalg.sqrtm(s1 @ s2).real
+    ref = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    assert ab == pytest.approx(ref, rel=1e-6)
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
