@@ -21,8 +21,19 @@ The protocol (pinned; :class:`Protocol` holds it and every report records it):
   colours (dreampose.metrics.foreground_mask); ``iou_strict`` uses the background image alone. Beside the model, every
   video reports two references: ``repeat`` (the subject image repeated: a baseline that ignores the
   pose) and ``gt`` (the segmentation of the ground truth itself: the IoU's ceiling).
-- LPIPS when a local exported LPIPS module is given (``--lpips``, see docs/training.md for exporting it);
-  FID and FVD need Inception / I3D weights and are not computed by this harness.
+- LPIPS when a local exported LPIPS module is given (``--lpips``, see docs/training.md for exporting it).
+- FID and FVD (set-level, overall only; :func:`set_metrics`) when their feature extractors are given as
+  local files (``--fid-model``, ``--fvd-model``: TorchScript or torch.export .pt2, loaded like LPIPS):
+  FID: all rendered frames vs all ground-truth target frames, each resized to 299 x 299 (bilinear,
+  antialiased, aspect ratio not kept, like pytorch-fid), colour range [-1, 1], through an Inception-v3
+  pool3 extractor (N, 3, 299, 299) -> (N, 2048). FVD: each video's target sequence cut into consecutive
+  non-overlapping clips of ``fvd_clip`` (16) targets (the remainder dropped; a video with fewer targets
+  gives no clip and is logged), frames resized to 224 x 224 (bilinear, antialiased), [-1, 1], through an
+  I3D extractor (N, 3, T, 224, 224) -> (N, 400) logits (the original FVD's features; any (N, D) works).
+  Both are the Fréchet distance of the two feature Gaussians (dreampose.metrics.frechet_distance), for
+  the model and for the repeat-subject reference. Without the files, or with fewer than 2 samples, the
+  report says why they were not computed. FID/FVD on a few hundred frames or clips are biased upwards
+  and only comparable at equal sample counts (the report records them).
 
 Outputs (``out_dir``): ``metrics.json`` (protocol, per video, overall, timing), ``metrics.md`` (a table)
 and ``strip.png`` (rows: subject, target pose, ground truth, output; for a few frames of the first videos).
@@ -37,12 +48,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from dreampose.metrics import foreground_iou, l1, psnr, ssim, to_unit
+from dreampose.metrics import feature_statistics, foreground_iou, frechet_distance, l1, psnr, ssim, to_unit
 from dreampose.model import DreamPoseModel
 from dreampose.pipeline import DreamPosePipeline
 from dreampose.schedulers import SCHEDULERS
@@ -52,6 +64,10 @@ logger = logging.getLogger(__name__)
 
 TEST_SEED = 1000
 METRICS = ("l1", "psnr", "ssim", "iou", "iou_strict")
+SET_METRICS = ("fid", "fvd")
+FID_SIZE = 299  # Inception-v3 input
+FVD_SIZE = 224  # I3D input
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,12 +91,13 @@ class Protocol:
     s_pose: float | None = None
     sample_seed: int = 0
     noise: str = "shared"
+    fvd_clip: int = 16
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise DreamPoseError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if self.videos < 1 or self.steps < 1 or self.stride < 1 or self.max_targets < 1:
-            raise DreamPoseError("videos, steps, stride and max_targets must be >= 1")
+        if self.videos < 1 or self.steps < 1 or self.stride < 1 or self.max_targets < 1 or self.fvd_clip < 1:
+            raise DreamPoseError("videos, steps, stride, max_targets and fvd_clip must be >= 1")
 
     def targets(self, n_frames: int) -> list[int]:
         """The target frame indices of a video of ``n_frames`` frames."""
@@ -116,8 +133,6 @@ def synth_test_videos(protocol: Protocol, height: int, width: int) -> list[TestV
 
 def ubc_test_videos(protocol: Protocol, height: int, width: int) -> list[TestVideo]:
     """The first ``protocol.videos`` videos of a UBC-layout folder, resized to height x width."""
-    import torch.nn.functional as F
-
     from dreampose.data.dataset import UBCFolder, to_pixels
 
     folder = UBCFolder(protocol.data)
@@ -186,6 +201,152 @@ def score_frames(frames: np.ndarray, video: TestVideo, targets: Sequence[int],
     return out
 
 
+def load_feature_extractor(path: PathLike, device: torch.device | str = "cpu", what: str = "feature extractor"
+                           ) -> FeatureExtractor:
+    """A local feature extractor (FID: Inception-v3, FVD: I3D; see docs/quality.md for exporting them):
+    a ``torch.export`` program (.pt2) or a TorchScript file, loaded like the LPIPS module
+    (dreampose.training.finetune.load_perceptual_loss), frozen."""
+    path = Path(path)
+    if not path.is_file():
+        raise DreamPoseError(f"{path}: {what} not found")
+    try:
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module().to(device)
+        else:
+            module = torch.jit.load(str(path), map_location=device)
+            module.eval()
+    except (RuntimeError, ValueError) as e:
+        raise DreamPoseError(f"{path}: not an exported (.pt2) or TorchScript module ({e})") from None
+    for p in module.parameters():
+        p.requires_grad_(False)
+    logger.info("loaded %s %s", what, path)
+    return module
+
+
+def _device_of(fn: FeatureExtractor) -> torch.device:
+    params = getattr(fn, "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _extract(fn: FeatureExtractor, batches: Sequence[torch.Tensor], what: str) -> torch.Tensor:
+    """Run ``fn`` on each input batch (on its device) -> features float64 (N, D) on the CPU."""
+    device = _device_of(fn)
+    feats = []
+    with torch.no_grad():
+        for x in batches:
+            y = fn(x.to(device))
+            if isinstance(y, (tuple, list)):
+                y = y[0]
+            feats.append(y.reshape(x.shape[0], -1).to("cpu", torch.float64))
+    out = torch.cat(feats)
+    if not torch.isfinite(out).all():
+        raise DreamPoseError(f"the {what} returned non-finite features")
+    return out
+
+
+def fid_inputs(frames: np.ndarray, batch: int = 16) -> list[torch.Tensor]:
+    """Frames (N, H, W, 3) uint8 (or float in [0, 1]) -> batches (<= batch, 3, 299, 299) float32 in [-1, 1]:
+    bilinear, antialiased, resized to the square (the aspect ratio is not kept, like pytorch-fid)."""
+    out = []
+    for i in range(0, len(frames), batch):
+        x = torch.from_numpy(to_unit(frames[i : i + batch])).permute(0, 3, 1, 2)
+        x = F.interpolate(x, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.clamp(0, 1) * 2 - 1)
+    return out
+
+
+def video_clips(frames: np.ndarray, clip: int) -> list[np.ndarray]:
+    """A video's frames (T, H, W, 3) -> its consecutive non-overlapping clips of ``clip`` frames
+    (the remainder is dropped; none when T < clip)."""
+    return [frames[i : i + clip] for i in range(0, len(frames) - clip + 1, clip)]
+
+
+def fvd_inputs(clips: Sequence[np.ndarray], batch: int = 4) -> list[torch.Tensor]:
+    """Clips (T, H, W, 3) uint8 -> batches (<= batch, 3, T, 224, 224) float32 in [-1, 1] (bilinear, antialiased)."""
+    out = []
+    for i in range(0, len(clips), batch):
+        xs = []
+        for c in clips[i : i + batch]:
+            x = torch.from_numpy(to_unit(c)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+            x = F.interpolate(x, size=(FVD_SIZE, FVD_SIZE), mode="bilinear", align_corners=False, antialias=True)
+            xs.append(x.clamp(0, 1).permute(1, 0, 2, 3) * 2 - 1)  # (3, T, 224, 224)
+        out.append(torch.stack(xs))
+    return out
+
+
+SetMetric = dict[str, Union[float, int, str, None]]
+
+
+def not_computed(metric: str, why: str | None = None) -> SetMetric:
+    """The entry of a set-level metric that was not computed."""
+    flag = {"fid": "--fid-model", "fvd": "--fvd-model"}[metric]
+    return {"model": None, "repeat": None, "note": f"not computed ({why or f'give {flag}'})"}
+
+
+def _frechet(feats: dict[str, torch.Tensor]) -> tuple[float, float]:
+    real = feature_statistics(feats["gt"])
+    return (frechet_distance(*feature_statistics(feats["model"]), *real),
+            frechet_distance(*feature_statistics(feats["repeat"]), *real))
+
+
+def set_metrics(
+    model: Sequence[np.ndarray],
+    gt: Sequence[np.ndarray],
+    repeat: Sequence[np.ndarray] | None = None,
+    fid_model: FeatureExtractor | None = None,
+    fvd_model: FeatureExtractor | None = None,
+    fvd_clip: int = 16,
+) -> dict[str, SetMetric]:
+    """FID and FVD of rendered videos against the ground truth (and of the repeat-subject reference).
+
+    Args:
+        model, gt, repeat: per video, frames (F_v, H, W, 3) uint8, the same F_v for the three (the target
+            frames in order). ``repeat`` defaults to ``gt`` (then its entries are ~0).
+        fid_model: (N, 3, 299, 299) in [-1, 1] -> (N, 2048) (any (N, D)); None: FID not computed.
+        fvd_model: (N, 3, T, 224, 224) in [-1, 1] -> (N, 400) (any (N, D)); None: FVD not computed.
+        fvd_clip: FVD clip length T (consecutive targets; a video with fewer targets gives no clip).
+    Returns:
+        {"fid": {...}, "fvd": {...}}: each {"model", "repeat", "samples", "note"} (samples: frames or clips
+        per side), or :func:`not_computed`'s entry.
+    """
+    sets = {"model": list(model), "gt": list(gt), "repeat": list(gt if repeat is None else repeat)}
+    if not (len(sets["model"]) == len(sets["gt"]) == len(sets["repeat"])):
+        raise DreamPoseError("set_metrics: model, gt and repeat need the same videos")
+    out: dict[str, SetMetric] = {"fid": not_computed("fid"), "fvd": not_computed("fvd")}
+    if fid_model is not None:
+        frames = {k: np.concatenate(v) for k, v in sets.items()}
+        n = len(frames["gt"])
+        if n < 2:
+            out["fid"] = not_computed("fid", f"{n} frame{'s' * (n != 1)}: the covariance needs at least 2")
+        else:
+            feats = {k: _extract(fid_model, fid_inputs(v), "FID model") for k, v in frames.items()}
+            fid, fid_repeat = _frechet(feats)
+            out["fid"] = {"model": fid, "repeat": fid_repeat, "samples": n, "feature_dim": feats["gt"].shape[1],
+                          "note": f"{n} vs {n} frames at {FID_SIZE} px; biased at small N: compare at equal N only"}
+            logger.info("FID %.3f (repeat-subject %.3f) on %d frames, %d features", fid, fid_repeat, n,
+                        feats["gt"].shape[1])
+    if fvd_model is not None:
+        short = [k for k, v in enumerate(sets["gt"]) if len(v) < fvd_clip]
+        if short:
+            logger.warning("FVD: %d of %d videos have fewer than %d targets and give no clip", len(short),
+                           len(sets["gt"]), fvd_clip)
+        clips = {k: [c for v in vids for c in video_clips(v, fvd_clip)] for k, vids in sets.items()}
+        n = len(clips["gt"])
+        if n < 2:
+            out["fvd"] = not_computed("fvd", f"{n} clip{'s' * (n != 1)} of {fvd_clip} targets: the covariance needs at least 2; "
+                                      "render more targets per video or lower --fvd-clip")
+        else:
+            feats = {k: _extract(fvd_model, fvd_inputs(v), "FVD model") for k, v in clips.items()}
+            fvd, fvd_repeat = _frechet(feats)
+            out["fvd"] = {"model": fvd, "repeat": fvd_repeat, "samples": n, "clip": fvd_clip,
+                          "feature_dim": feats["gt"].shape[1],
+                          "note": f"{n} vs {n} clips of {fvd_clip} targets at {FVD_SIZE} px; biased at small N: "
+                                  "compare at equal N only"}
+            logger.info("FVD %.3f (repeat-subject %.3f) on %d clips of %d frames", fvd, fvd_repeat, n, fvd_clip)
+    return out
+
+
 def _mean(d: dict[str, list[float]]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in d.items()}
 
@@ -216,6 +377,7 @@ class EvalReport:
     model_name: str
     videos: list[VideoResult]
     guidance: tuple[float, float]
+    set_level: dict[str, SetMetric] = field(default_factory=lambda: {m: not_computed(m) for m in SET_METRICS})
 
     def overall(self) -> dict:
         def pool(get: Callable[[VideoResult], list[float]]) -> float:
@@ -230,6 +392,7 @@ class EvalReport:
             "repeat": {k: pool(lambda v, k=k: v.repeat[k]) for k in keys},
             "gt_iou": pool(lambda v: v.gt_iou),
             "seconds_per_frame": secs / n,
+            **self.set_level,
         }
 
     def to_dict(self) -> dict:
@@ -257,7 +420,19 @@ class EvalReport:
         guide = f"s_image {self.guidance[0]:g}, s_pose {self.guidance[1]:g}"
         return (f"Model `{self.model_name}`; test set `{p.data}` (seed {p.seed}), {p.scheduler} {p.steps} steps, "
                 f"{guide}; subject = frame {p.subject_frame}, targets {p.first_target}::{p.stride}.\n\n"
-                + "\n".join(lines) + "\n")
+                + "\n".join(lines) + "\n\n" + self.set_level_markdown())
+
+    def set_level_markdown(self) -> str:
+        """The overall-only FID / FVD lines of the markdown report."""
+        lines = []
+        for m in SET_METRICS:
+            e = self.set_level[m]
+            if e["model"] is None:
+                lines.append(f"- {m.upper()}: {e['note']}")
+            else:
+                lines.append(f"- {m.upper()} (overall): {e['model']:.3f} (repeat-subject {e['repeat']:.3f}); "
+                             f"{e['note']}")
+        return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,9 +445,13 @@ def evaluate(
     lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     keep_outputs: bool = False,
     progress: bool = False,
+    fid_model: FeatureExtractor | None = None,
+    fvd_model: FeatureExtractor | None = None,
 ) -> EvalReport:
     """Render the protocol's test set with ``model`` (the reference pipeline) and score it.
 
+    ``fid_model`` / ``fvd_model``: local feature extractors (:func:`load_feature_extractor`, conventions in
+    :func:`set_metrics`); FID / FVD are reported overall only when given.
     Returns an EvalReport; with ``keep_outputs`` each VideoResult also holds the rendered frames
     (F, H, W, 3) uint8 (for the strip image and for comparing samplers).
     """
@@ -281,6 +460,7 @@ def evaluate(
     s_image = c.s_image if protocol.s_image is None else protocol.s_image
     s_pose = c.s_pose if protocol.s_pose is None else protocol.s_pose
     results = []
+    rendered: dict[str, list[np.ndarray]] = {"model": [], "gt": [], "repeat": []}
     for video in test_videos(protocol, c.height, c.width):
         targets = protocol.targets(len(video.images))
         subject = video.images[protocol.subject_frame]
@@ -301,7 +481,13 @@ def evaluate(
                     np.mean(res.model["iou"]), np.mean(res.repeat["iou"]), np.mean(res.model["ssim"]),
                     seconds / len(targets))
         results.append(res)
-    return EvalReport(protocol, model_name, results, (s_image, s_pose))
+        if fid_model is not None or fvd_model is not None:
+            rendered["model"].append(frames)
+            rendered["gt"].append(gt)
+            rendered["repeat"].append(repeat)
+    level = set_metrics(rendered["model"], rendered["gt"], rendered["repeat"], fid_model, fvd_model,
+                        protocol.fvd_clip)
+    return EvalReport(protocol, model_name, results, (s_image, s_pose), level)
 
 
 def pose_image(uv: np.ndarray) -> np.ndarray:
@@ -354,7 +540,8 @@ def write_report(report: EvalReport, out_dir: PathLike, strip: np.ndarray | None
 # --------------------------------------------------------------------------------------------------
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``dreampose-rt evaluate``."""
-    p = subparsers.add_parser("evaluate", help="render a test set and report L1, PSNR, SSIM, foreground IoU",
+    p = subparsers.add_parser("evaluate", help="render a test set and report L1, PSNR, SSIM, foreground IoU "
+                                               "(LPIPS, FID, FVD with local weights)",
                               description=__doc__.split("\n\n")[0])
     d = Protocol()
     p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
@@ -370,6 +557,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--s-image", type=float, default=None)
     p.add_argument("--s-pose", type=float, default=None)
     p.add_argument("--lpips", default=None, help="a local exported LPIPS module (.pt2 or TorchScript)")
+    p.add_argument("--fid-model", default=None,
+                   help="FID: a local Inception-v3 pool3 extractor (.pt2 or TorchScript), "
+                        "(N, 3, 299, 299) in [-1, 1] -> (N, 2048); see docs/quality.md")
+    p.add_argument("--fvd-model", default=None,
+                   help="FVD: a local I3D extractor (.pt2 or TorchScript), "
+                        "(N, 3, T, 224, 224) in [-1, 1] -> (N, 400)")
+    p.add_argument("--fvd-clip", type=int, default=d.fvd_clip,
+                   help="FVD clip length in targets (consecutive, non-overlapping; shorter videos give no clip)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -379,7 +574,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     protocol = Protocol(data=args.data, seed=args.seed, videos=args.videos, n_frames=args.frames, stride=args.stride,
                         max_targets=args.max_targets, scheduler=args.scheduler, steps=args.steps,
-                        s_image=args.s_image, s_pose=args.s_pose)
+                        s_image=args.s_image, s_pose=args.s_pose, fvd_clip=args.fvd_clip)
     if args.model is None:
         model, name = demo_model(), "demo"
     else:
@@ -390,7 +585,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from dreampose.training.finetune import load_perceptual_loss
 
         lpips = load_perceptual_loss(args.lpips, model.device)
-    report = evaluate(model, protocol, name, lpips=lpips, keep_outputs=True, progress=not args.quiet)
+    fid_model = load_feature_extractor(args.fid_model, model.device, "FID model") if args.fid_model else None
+    fvd_model = load_feature_extractor(args.fvd_model, model.device, "FVD model") if args.fvd_model else None
+    report = evaluate(model, protocol, name, lpips=lpips, keep_outputs=True, progress=not args.quiet,
+                      fid_model=fid_model, fvd_model=fvd_model)
     strip = strip_image(report, protocol, model.config.height, model.config.width)
     out = write_report(report, args.out, strip)
     print(report.markdown())
