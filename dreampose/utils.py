@@ -113,3 +113,27 @@ def dataclass_from_dict(cls: Type[T], data: dict, source: str = "config") -> T:
                 value = tuple(value)
             kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def load_frozen_module(path: PathLike, device: Any = "cpu", what: str = "module") -> Any:
+    """A local network exported elsewhere (LPIPS, Inception for FID, I3D for FVD): a ``torch.export``
+    program (.pt2) or a TorchScript file, on ``device``, in eval mode, with every parameter frozen.
+
+    Errors name the file and ``what`` it was meant to be.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DreamPoseError(f"{path}: {what} not found")
+    try:
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module().to(device)
+        else:
+            module = torch.jit.load(str(path), map_location=device)
+            module.eval()
+    except (RuntimeError, ValueError) as e:
+        raise DreamPoseError(f"{path}: not an exported (.pt2) or TorchScript module ({e})") from None
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

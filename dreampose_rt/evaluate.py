@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from dreampose.metrics import feature_statistics, foreground_iou, frechet_distan
 from dreampose.model import DreamPoseModel
 from dreampose.pipeline import DreamPosePipeline
 from dreampose.schedulers import SCHEDULERS
-from dreampose.utils import DreamPoseError, PathLike, write_json
+from dreampose.utils import DreamPoseError, PathLike, load_frozen_module, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -204,21 +203,8 @@ def score_frames(frames: np.ndarray, video: TestVideo, targets: Sequence[int],
 def load_feature_extractor(path: PathLike, device: torch.device | str = "cpu", what: str = "feature extractor"
                            ) -> FeatureExtractor:
     """A local feature extractor (FID: Inception-v3, FVD: I3D; see docs/quality.md for exporting them):
-    a ``torch.export`` program (.pt2) or a TorchScript file, loaded like the LPIPS module
-    (dreampose.training.finetune.load_perceptual_loss), frozen."""
-    path = Path(path)
-    if not path.is_file():
-        raise DreamPoseError(f"{path}: {what} not found")
-    try:
-        if path.suffix == ".pt2":
-            module = torch.export.load(str(path)).module().to(device)
-        else:
-            module = torch.jit.load(str(path), map_location=device)
-            module.eval()
-    except (RuntimeError, ValueError) as e:
-        raise DreamPoseError(f"{path}: not an exported (.pt2) or TorchScript module ({e})") from None
-    for p in module.parameters():
-        p.requires_grad_(False)
+    a ``torch.export`` program (.pt2) or a TorchScript file, frozen (dreampose.utils.load_frozen_module)."""
+    module = load_frozen_module(path, device, what)
     logger.info("loaded %s %s", what, path)
     return module
 

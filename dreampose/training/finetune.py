@@ -30,7 +30,7 @@ from torch import nn
 from ..images import load_image
 from ..model import DreamPoseModel
 from ..poses import check_poses, read_iuv_image, resize_poses
-from ..utils import DreamPoseError, PathLike, write_json
+from ..utils import DreamPoseError, PathLike, load_frozen_module, write_json
 from .augment import random_affine, transform_together, warp
 from .config import FinetuneConfig, config_to_dict, save_config
 from .diffusion import Denoiser, FrozenEncoders, diffusion_loss, noise_schedule
@@ -154,21 +154,9 @@ def decoder_batches(images: torch.Tensor, cfg: FinetuneConfig, rank: int, world:
 
 def load_perceptual_loss(path: PathLike, device: torch.device) -> nn.Module:
     """A local perceptual loss (LPIPS exported elsewhere, see docs/training.md): (x, y) (B, 3, H, W) in
-    [-1, 1] -> distance (B,) or (B, 1, 1, 1). A ``torch.export`` program (.pt2) or a TorchScript file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DreamPoseError(f"{path}: LPIPS weights not found")
-    try:
-        if path.suffix == ".pt2":
-            module = torch.export.load(str(path)).module().to(device)
-        else:
-            module = torch.jit.load(str(path), map_location=device)
-            module.eval()
-    except (RuntimeError, ValueError) as e:
-        raise DreamPoseError(f"{path}: not an exported (.pt2) or TorchScript module ({e})") from None
-    for p in module.parameters():  # frozen: gradients flow through it to the decoder only
-        p.requires_grad_(False)
-    return module
+    [-1, 1] -> distance (B,) or (B, 1, 1, 1). A ``torch.export`` program (.pt2) or a TorchScript file,
+    frozen: gradients flow through it to the decoder only."""
+    return load_frozen_module(path, device, "LPIPS weights")
 
 
 # --------------------------------------------------------------------------------------------------
