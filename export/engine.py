@@ -83,6 +83,18 @@ class Engine(abc.ABC):
     def loaded(self) -> bool:
         return bool(self.input_names)
 
+    def input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, Shape]:
+        """Load if needed, then every input's shape from ``shapes`` as a tuple of ints (a missing one is an
+        error naming it). The common first half of ``allocate_buffers``."""
+        if not self.loaded:
+            self.load()
+        out: dict[str, Shape] = {}
+        for name in self.input_names:
+            if name not in shapes:
+                raise EngineError(f"{self.path.name}: no shape given for input {name!r}")
+            out[name] = tuple(int(d) for d in shapes[name])
+        return out
+
     def check_feed(self, feed: Mapping[str, torch.Tensor]) -> None:
         """Every input present, nothing unknown, dtypes right; errors name the tensor."""
         if not self.loaded:
@@ -153,12 +165,7 @@ class OrtEngine(Engine):
 
     def allocate_buffers(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, Shape]:
         """Check ``shapes`` against the graph's static dims; output buffers follow at the first ``infer``."""
-        if not self.loaded:
-            self.load()
-        for name in self.input_names:
-            if name not in shapes:
-                raise EngineError(f"{self.path.name}: no shape given for input {name!r}")
-            shape = tuple(int(d) for d in shapes[name])
+        for name, shape in self.input_shapes(shapes).items():
             declared = self._declared[name]
             if len(shape) != len(declared) or any(d >= 0 and d != s for d, s in zip(declared, shape)):
                 raise EngineError(f"{self.path.name}: input {name!r} has shape {shape}, the graph takes {declared}")

@@ -199,12 +199,7 @@ class TensorRTEngine(Engine):
 
     def allocate_buffers(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, Shape]:
         """Set the input shapes (checked against the profile), allocate every I/O buffer on the GPU."""
-        if not self.loaded:
-            self.load()
-        for name in self.input_names:
-            if name not in shapes:
-                raise EngineError(f"{self.path.name}: no shape given for input {name!r}")
-            shape = tuple(int(d) for d in shapes[name])
+        for name, shape in self.input_shapes(shapes).items():
             lo, _, hi = self.profile_shapes(name)
             if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
                 raise EngineError(f"{self.path.name}: input {name!r} shape {shape} is outside the profile {lo} .. {hi}")
