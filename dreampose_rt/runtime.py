@@ -272,14 +272,16 @@ class Runtime:
                         sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
                 on_step()
             return latents
-        for k, t in enumerate(sched.timesteps):
+        # the UNet takes the timestep as a device tensor, the scheduler as a Python int (no GPU sync per step)
+        for k, (t, t_int) in enumerate(zip(sched.timesteps, sched.timesteps.tolist())):
             with nvtx_range(f"step {k}"):
-                x = sched.scale_model_input(latents, t).repeat(NUM_BRANCHES, 1, 1, 1)
+                x = sched.scale_model_input(latents, t_int).repeat(NUM_BRANCHES, 1, 1, 1)
                 with timed(self.timer, "unet"):
                     eps = self.backend.unet(x, p, t, ehs)
                 with timed(self.timer, "guidance_update"):
                     # in place: no new tensor per step (allocating and first-touching one costs more than the step)
-                    sched.step_guided(eps.to(latents.dtype), t, latents, s_image, s_pose, return_dict=False, out=latents)
+                    sched.step_guided(eps.to(latents.dtype), t_int, latents, s_image, s_pose, return_dict=False,
+                                      out=latents)
             on_step()
         return latents
 
@@ -395,9 +397,10 @@ class Runtime:
             frames_per_batch: frames per UNet call (None: :meth:`auto_frames_per_batch`).
             progress: show a progress bar (frames per second and ETA).
         """
-        out = dict(self.stream(poses, image, steps, scheduler, s_image, s_pose, seed, noise, frames,
+        pose_arr = load_poses(poses)  # read once: the stream and the frame order both use it
+        out = dict(self.stream(pose_arr, image, steps, scheduler, s_image, s_pose, seed, noise, frames,
                                frames_per_batch, progress))
-        order = list(range(len(load_poses(poses)))) if frames is None else list(frames)
+        order = list(range(len(pose_arr))) if frames is None else list(frames)
         return np.stack([out[i] for i in order])
 
 

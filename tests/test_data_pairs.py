@@ -52,8 +52,7 @@ def test_dropout_rates_per_sample(source):
     for count, p in ((both.sum(), 0.05), (image_only.sum(), 0.05), (pose_only.sum(), 0.05), (flags[:, 0].sum(), 0.10)):
         std = np.sqrt(n * p * (1 - p))
         assert abs(count - n * p) < 4 * std, (count, n * p, std)
-    # per sample, not per batch: any 16 consecutive samples mix dropped and kept ones
-    assert 0 < flags[:16].any(axis=1).sum() < 16 or 0 < flags[16:32].any(axis=1).sum() < 16
+    # (that a batch mixes dropped and kept rows is checked through the loss in test_training_stage1)
 
 
 def test_sampler_resumes_exactly_and_splits_across_processes():
