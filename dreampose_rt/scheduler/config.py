@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-SCHEDULER_NAMES = ("pndm", "ddim", "dpmpp")
+from dreampose.schedulers import SCHEDULERS as SCHEDULER_NAMES  # the one list of scheduler names
+
 
 # diffusers class name <-> our name
 DIFFUSERS_CLASS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpmpp": "DPMSolverMultistepScheduler"}
