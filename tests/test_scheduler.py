@@ -512,3 +512,26 @@ def test_cuda_tensors_use_the_torch_path():
         y = s.step(outs[k].cuda(), t, y).prev_sample
     assert y.device.type == "cuda"
     assert rel(y.cpu(), want) <= 1e-5
+
+
+def test_step_guided_in_place_takes_the_fast_path_and_equals_a_new_tensor(monkeypatch):
+    """The runtime steps in place (out=sample): that must stay on the checked-once fast path."""
+    from dreampose_rt.scheduler import create_scheduler
+
+    if create_scheduler("pndm", backend="auto").backend != "cpp":
+        pytest.skip("the fast path is the C++ extension's; it is not built here")
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(6, 4, 5, 3, generator=g) for _ in range(8)]
+    x0 = torch.randn(2, 4, 5, 3, generator=g)
+    ref, fast = create_scheduler("pndm", backend="cpp"), create_scheduler("pndm", backend="cpp")
+    ref.set_timesteps(7)
+    fast.set_timesteps(7)
+    checks = []
+    real = fast._check_pair
+    monkeypatch.setattr(fast, "_check_pair", lambda *a: (checks.append(1), real(*a))[1])
+    a, b = x0.clone(), x0.clone()
+    for m, t in zip(outs, ref.timesteps.tolist()):
+        a = ref.step_guided(m, t, a, 8.0, 3.0).prev_sample
+        fast.step_guided(m, t, b, 8.0, 3.0, out=b)
+    assert torch.equal(a, b)
+    assert len(checks) == 1  # only the run's first step is checked in full

@@ -419,14 +419,14 @@ class DiffusionScheduler:
             and type(model_output) is _Tensor
             and (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
                  model_output.device) == self._fast_guided_sig
-            and out is None
+            and (out is None or self._out_ok(out, sample))
         ):  # fmt: skip
             # Fast path: same signature as the run's checked first step (C++, CPU, fp32/fp16).
             ti, tp = type(guidance_scale_image), type(guidance_scale_pose)
             if (ti is float or ti is int) and (tp is float or tp is int):
                 x = sample if sample.is_contiguous() else sample.contiguous()
                 m = model_output if model_output.is_contiguous() else model_output.contiguous()
-                prev = _empty_like(x)
+                prev = _empty_like(x) if out is None else out
                 self._bound.step_guided_uniform(
                     k, prev.data_ptr(), x.data_ptr(), m.data_ptr(), float(guidance_scale_image),
                     float(guidance_scale_pose),
