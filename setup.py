@@ -28,7 +28,8 @@ def _ext_modules() -> list:
     debug = os.environ.get("DREAMPOSE_RT_DEBUG", "0") == "1"
     extra = ["-O0", "-g"] if debug else ["-O3"]
     if sys.platform != "win32":
-        extra += ["-pthread", "-fvisibility=hidden"]
+        # -Wno-psabi: GCC notes that 32-byte vector arguments of internal helpers change the ABI without AVX
+        extra += ["-pthread", "-fvisibility=hidden", "-Wno-psabi"]
     return [
         Pybind11Extension(
             "dreampose_rt._C",

@@ -27,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cplusplus") = static_cast<long>(__cplusplus);
 
   register_scheduler(m);
+  register_parallel(m);
 }

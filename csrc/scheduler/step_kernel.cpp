@@ -3,6 +3,8 @@
 // a zero coefficient are skipped (their buffers are never read), and the block is written once.
 #include "scheduler/step_kernel.h"
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -70,7 +72,10 @@ uint16_t float_to_half(float f) {
 namespace {
 
 constexpr int64_t kBlock = 512;
-constexpr int64_t kGrainPerThread = int64_t(1) << 16;
+// Elements per thread below which a step runs on fewer threads (1 frame of 4 x 80 x 64 runs on 2).
+constexpr int64_t kGrainPerThread = int64_t(1) << 13;
+// Elements from which a step is long enough (~30 us on one core) to wake a sleeping pool worker.
+constexpr int64_t kWakeElements = int64_t(1) << 17;
 
 template <typename T>
 struct IO;
@@ -248,6 +253,193 @@ void guidance_block(int64_t n, float s_i, float s_p, const float* __restrict__ e
   for (int64_t k = 0; k < n; ++k) m[k] = e00[k] + s_i * (ei0[k] - e00[k]) + s_p * (eip[k] - ei0[k]);
 }
 
+
+// ---- The fast path: rows that keep no saved sample and no accumulator (every row of PLMS after
+// its first step, of DDIM and of DPM-Solver++). One loop reads each input once and writes q to the
+// history slot and the result to `out` directly, with no scratch copies: in every iteration all
+// loads come before the stores, so `out` may alias x and the history slot written may be one of
+// those read (same index, which is all the aliasing the callers allow). Same arithmetic, in the same
+// order, as fused_block_body (bit-identical); the dropped zero terms are accounted for by adding a
+// signed zero (+0 where fused_block_body would add "+ 0.f", else -0, which changes nothing).
+typedef float V8 __attribute__((vector_size(32)));  // GCC/Clang vector extension: AVX2 or 2 x SSE/NEON
+
+__attribute__((always_inline)) inline V8 ld8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline void st8(float* p, V8 v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline V8 splat8(float f) { return V8{f, f, f, f, f, f, f, f}; }
+
+struct FastIn {
+  const float* x;                   // sample (or kZeros when ox == qx == 0)
+  const float* m;                   // model output (unguided)
+  const float *e00, *eip, *ei0;     // the three branches (guided)
+  float s_i, s_p;                   // guidance scales of this frame
+  const float *s, *h0, *h1, *h2, *a;
+  float* q;                         // history slot to write (kWQ)
+  float* o;                         // result
+};
+
+template <bool kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
+__attribute__((always_inline)) inline void fast_body(const StepRow& r, float pz, int64_t n, const FastIn& p) {
+  int64_t k = 0;
+  {
+    const V8 qx = splat8(r.qx), qm = splat8(r.qm), ox = splat8(r.ox), om = splat8(r.om), oq = splat8(r.oq);
+    const V8 os = splat8(r.os), oh0 = splat8(r.oh[0]), oh1 = splat8(r.oh[1]), oh2 = splat8(r.oh[2]);
+    const V8 oa = splat8(r.oa), zero = splat8(pz), si = splat8(p.s_i), sp = splat8(p.s_p);
+    for (; k + 8 <= n; k += 8) {
+      const V8 x = ld8(p.x + k);
+      V8 m;
+      if (kG) {
+        const V8 e00 = ld8(p.e00 + k), eip = ld8(p.eip + k), ei0 = ld8(p.ei0 + k);
+        m = e00 + si * (ei0 - e00) + sp * (eip - ei0);
+      } else {
+        m = ld8(p.m + k);
+      }
+      const V8 s = kS ? ld8(p.s + k) : zero, h0 = kH0 ? ld8(p.h0 + k) : zero;
+      const V8 h1 = kH1 ? ld8(p.h1 + k) : zero, h2 = kH2 ? ld8(p.h2 + k) : zero, a = kA ? ld8(p.a + k) : zero;
+      const V8 q = qx * x + qm * m;
+      V8 o = ox * x + om * m + oq * q;
+      if (kS) o = o + os * s;
+      if (kH0) o = o + oh0 * h0;
+      if (kH1) o = o + oh1 * h1;
+      if (kH2) o = o + oh2 * h2;
+      if (kA) o = o + oa * a;
+      o = o + zero;
+      if (kWQ) st8(p.q + k, q);  // the stores come after every load of this iteration
+      st8(p.o + k, o);
+    }
+  }
+  for (; k < n; ++k) {  // the tail, in the same order
+    const float x = p.x[k];
+    const float m = kG ? p.e00[k] + p.s_i * (p.ei0[k] - p.e00[k]) + p.s_p * (p.eip[k] - p.ei0[k]) : p.m[k];
+    const float s = kS ? p.s[k] : 0.f, h0 = kH0 ? p.h0[k] : 0.f, h1 = kH1 ? p.h1[k] : 0.f;
+    const float h2 = kH2 ? p.h2[k] : 0.f, a = kA ? p.a[k] : 0.f;
+    const float q = r.qx * x + r.qm * m;
+    float o = r.ox * x + r.om * m + r.oq * q;
+    if (kS) o = o + r.os * s;
+    if (kH0) o = o + r.oh[0] * h0;
+    if (kH1) o = o + r.oh[1] * h1;
+    if (kH2) o = o + r.oh[2] * h2;
+    if (kA) o = o + r.oa * a;
+    o = o + pz;
+    if (kWQ) p.q[k] = q;
+    p.o[k] = o;
+  }
+}
+
+using FastFn = void (*)(const StepRow&, float, int64_t, const FastIn&);
+
+template <bool kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx2")))
+#endif
+void fast_avx2(const StepRow& r, float pz, int64_t n, const FastIn& p) {
+  fast_body<kG, kS, kH0, kH1, kH2, kA, kWQ>(r, pz, n, p);
+}
+
+template <bool kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
+void fast_base(const StepRow& r, float pz, int64_t n, const FastIn& p) {
+  fast_body<kG, kS, kH0, kH1, kH2, kA, kWQ>(r, pz, n, p);
+}
+
+// kMask bits: 0 s, 1 h0, 2 h1, 3 h2, 4 a, 5 guided, 6 write q.
+template <int kMask>
+FastFn fast_fn() {
+  constexpr bool s = kMask & 1, h0 = kMask & 2, h1 = kMask & 4, h2 = kMask & 8, a = kMask & 16;
+  constexpr bool g = kMask & 32, wq = kMask & 64;
+  return cpu_has_avx2() ? &fast_avx2<g, s, h0, h1, h2, a, wq> : &fast_base<g, s, h0, h1, h2, a, wq>;
+}
+
+template <int... I>
+FastFn pick_fast_fn(int mask, std::integer_sequence<int, I...>) {
+  static const FastFn table[] = {fast_fn<I>()...};
+  return table[mask];
+}
+
+// The fast function for a row, or nullptr when the row needs the general path (it saves the sample,
+// updates the accumulator, or has a non-finite coefficient). *pz: the signed zero to add.
+FastFn fast_fn_for(const StepRow& r, const StepBuffers& buf, bool guided, float* pz) {
+  if (r.save_sample) return nullptr;
+  if (buf.accumulator != nullptr && (r.akeep != 0.f || r.am != 0.f)) return nullptr;
+  if (r.write_slot >= 0 && buf.history[r.write_slot] == nullptr) return nullptr;
+  const float coefs[5] = {r.os, r.oh[0], r.oh[1], r.oh[2], r.oa};
+  const float* bufs[5] = {buf.saved_sample, buf.history[0], buf.history[1], buf.history[2], buf.accumulator};
+  int mask = 0;
+  bool plus_zero = false;
+  for (int j = 0; j < 5; ++j) {
+    if (coefs[j] != 0.f && bufs[j] != nullptr) {
+      mask |= 1 << j;
+    } else {
+      const float dropped = coefs[j] * 0.f;
+      if (dropped != 0.f) return nullptr;
+      if (!std::signbit(dropped)) plus_zero = true;
+    }
+  }
+  if (guided) mask |= 32;
+  if (r.write_slot >= 0) mask |= 64;
+  *pz = plus_zero ? 0.f : -0.f;
+  return pick_fast_fn(mask, std::make_integer_sequence<int, 128>{});
+}
+
+template <typename T>
+void run_range_fast(FastFn fn, float pz, const StepRow& row, const StepBuffers& buf, const Guidance& g,
+                    int64_t begin, int64_t end) {
+  alignas(64) float xs[kBlock], ms[kBlock], o[kBlock], t0[kBlock], t1[kBlock], t2[kBlock];
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  const int64_t N = buf.numel;
+  const bool need_x = row.ox != 0.f || row.qx != 0.f;
+  auto in = [](float coef, const float* p, int64_t i) { return (coef != 0.f && p != nullptr) ? p + i : nullptr; };
+  int64_t i = begin;
+  while (i < end) {
+    int64_t stop = std::min(end, i + kBlock);
+    FastIn p{};
+    if (g.enabled) {  // keep a block inside one frame so that the scales are constant
+      const int64_t f = i / g.frame_numel;
+      stop = std::min(stop, (f + 1) * g.frame_numel);
+      p.s_i = g.scale_image[f];
+      p.s_p = g.scale_pose[f];
+    }
+    const int64_t n = stop - i;
+    if (!need_x) {
+      p.x = kZeros;
+    } else if (kF32) {
+      p.x = static_cast<const float*>(buf.sample) + i;
+    } else {
+      IO<T>::load(buf.sample, i, n, xs);
+      p.x = xs;
+    }
+    if (g.enabled) {
+      if (kF32) {
+        p.e00 = static_cast<const float*>(buf.model_output) + i;
+        p.eip = static_cast<const float*>(buf.model_output) + N + i;
+        p.ei0 = static_cast<const float*>(buf.model_output) + 2 * N + i;
+      } else {
+        IO<T>::load(buf.model_output, i, n, t0);
+        IO<T>::load(buf.model_output, N + i, n, t1);
+        IO<T>::load(buf.model_output, 2 * N + i, n, t2);
+        p.e00 = t0, p.eip = t1, p.ei0 = t2;
+      }
+    } else if (kF32) {
+      p.m = static_cast<const float*>(buf.model_output) + i;
+    } else {
+      IO<T>::load(buf.model_output, i, n, ms);
+      p.m = ms;
+    }
+    p.s = in(row.os, buf.saved_sample, i);
+    p.h0 = in(row.oh[0], buf.history[0], i);
+    p.h1 = in(row.oh[1], buf.history[1], i);
+    p.h2 = in(row.oh[2], buf.history[2], i);
+    p.a = in(row.oa, buf.accumulator, i);
+    p.q = row.write_slot >= 0 ? buf.history[row.write_slot] + i : nullptr;
+    p.o = kF32 ? static_cast<float*>(buf.out) + i : o;
+    fn(row, pz, n, p);
+    if (!kF32) IO<T>::store(buf.out, i, n, o);
+    i = stop;
+  }
+}
+
 template <typename T>
 void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, int64_t begin,
                int64_t end) {
@@ -318,28 +510,43 @@ void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, in
 }
 
 template <typename T>
+struct RangeJob {
+  const StepRow* row;
+  const StepBuffers* buf;
+  const Guidance* g;
+  FastFn fast;
+  float pz;
+  int64_t chunk;  // elements per chunk (a multiple of kBlock)
+
+  void range(int64_t b, int64_t e) const {
+    if (fast != nullptr) {
+      run_range_fast<T>(fast, pz, *row, *buf, *g, b, e);
+    } else {
+      run_range<T>(*row, *buf, *g, b, e);
+    }
+  }
+  static void chunk_fn(void* ctx, int64_t c) {
+    const RangeJob& j = *static_cast<const RangeJob*>(ctx);
+    j.range(c * j.chunk, std::min(j.buf->numel, (c + 1) * j.chunk));
+  }
+};
+
+template <typename T>
 void run(const StepRow& row, const StepBuffers& buf, const Guidance& g, int num_threads) {
   const int64_t N = buf.numel;
-  if (num_threads <= 0) {
-    // hardware_concurrency() reads sysfs (several us): ask once per process, not once per step.
-    static const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-    num_threads = static_cast<int>(std::max<int64_t>(1, std::min(hw, N / kGrainPerThread)));
-  }
+  RangeJob<T> job{&row, &buf, &g, nullptr, 0.f, 0};
+  job.fast = fast_fn_for(row, buf, g.enabled, &job.pz);
+  if (num_threads <= 0) num_threads = static_cast<int>(std::min<int64_t>(1 << 20, N / kGrainPerThread));
   if (num_threads <= 1 || N < 2 * kBlock) {
-    run_range<T>(row, buf, g, 0, N);
+    job.range(0, N);
     return;
   }
-  // Chunks aligned to kBlock; the calling thread takes the first.
+  // A few chunks per thread (each a multiple of kBlock) so that an awake thread can take over the
+  // range of one that is still asleep.
   const int64_t blocks = (N + kBlock - 1) / kBlock;
-  const int64_t per = (blocks + num_threads - 1) / num_threads;
-  std::vector<std::thread> workers;
-  workers.reserve(num_threads - 1);
-  for (int t = 1; t < num_threads; ++t) {
-    const int64_t b = std::min(N, t * per * kBlock), e = std::min(N, (t + 1) * per * kBlock);
-    if (b < e) workers.emplace_back(run_range<T>, std::cref(row), std::cref(buf), std::cref(g), b, e);
-  }
-  run_range<T>(row, buf, g, 0, std::min(N, per * kBlock));
-  for (auto& w : workers) w.join();
+  const int64_t chunks = std::min<int64_t>(blocks, int64_t(num_threads) * 4);
+  job.chunk = (blocks + chunks - 1) / chunks * kBlock;
+  parallel_for((N + job.chunk - 1) / job.chunk, num_threads, &RangeJob<T>::chunk_fn, &job, N >= kWakeElements);
 }
 
 }  // namespace
