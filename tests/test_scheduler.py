@@ -535,3 +535,45 @@ def test_step_guided_in_place_takes_the_fast_path_and_equals_a_new_tensor(monkey
         fast.step_guided(m, t, b, 8.0, 3.0, out=b)
     assert torch.equal(a, b)
     assert len(checks) == 1  # only the run's first step is checked in full
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runs_after_runs_reuse_the_state_and_equal_fresh_runs(backend):
+    """set_timesteps keeps the previous run's buffers for a run of the same shape (they are never read
+    before written): consecutive runs, of other lengths and shapes, equal runs of fresh schedulers."""
+    need(backend)
+    opts = dict(SD_PNDM, skip_prk_steps=False)  # PRK rows: saved sample and accumulator too
+    s = create_scheduler("pndm", opts, backend=backend)
+    plan = [(6, (2, 4, 12, 10), 1), (9, (2, 4, 12, 10), 2), (5, (1, 4, 8, 8), 3), (6, (2, 4, 12, 10), 4)]
+    for n, shape, seed in plan:
+        x, outs = random_run(n, shape=shape, seed=seed)
+        want, _ = run_ours("pndm", opts, n, x.clone(), outs, backend)
+        s.set_timesteps(n)
+        y = x.clone()
+        for i, t in enumerate(s.timesteps.tolist()):
+            s.step(outs[i], t, y, out=y)
+        assert torch.equal(y, want), (n, shape)
+
+
+def test_a_run_that_switches_dtype_rebinds_the_fast_path():
+    """fp32 and fp16 steps in one run (the state is fp32 either way): each step is bound for its dtype."""
+    if not HAVE_CPP:
+        pytest.skip("compares the C++ fast path with Python; the extension did not load")
+    n = 8
+    x, outs = random_run(n, shape=(2, 4, 6, 5), seed=9, rows=3)
+    ys = []
+    for backend in ("cpp", "python"):
+        s = create_scheduler("pndm", SD_PNDM, backend=backend)
+        s.set_timesteps(n)
+        y = x.clone()
+        for i, t in enumerate(s.timesteps.tolist()):
+            half = i % 3 == 2
+            m = outs[i].half() if half else outs[i]
+            y = y.half() if half else y.float()
+            if i % 2 and not half:  # (fp16 guidance differs by design: Python rounds the guided output to fp16)
+                y = s.step_guided(m, t, y, 6.0, 1.5).prev_sample
+            else:
+                y = s.step(m[: y.shape[0]], t, y).prev_sample
+            assert y.dtype == (torch.float16 if half else torch.float32)
+        ys.append(y.float())
+    assert rel(ys[0], ys[1]) <= 1e-6

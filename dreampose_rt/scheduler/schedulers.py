@@ -100,8 +100,18 @@ class DiffusionScheduler:
     init_noise_sigma: float = 1.0
 
     def __init__(
-        self, config: SchedulerConfig | Mapping[str, Any] | None = None, *, backend: str = "auto", **overrides: Any
+        self,
+        config: SchedulerConfig | Mapping[str, Any] | None = None,
+        *,
+        backend: str = "auto",
+        num_threads: int = 0,
+        **overrides: Any,
     ) -> None:
+        """config: as :func:`create_scheduler`. backend: "auto", "cpp" or "python". num_threads: threads
+        of the C++ CPU data plane per step (0: chosen from the tensor size, up to every core)."""
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
+            raise ValueError(f"num_threads must be an int >= 0, got {num_threads!r}")
+        self._num_threads = num_threads
         if isinstance(config, SchedulerConfig):
             if config.scheduler != self.name:
                 raise ValueError(f"config is for scheduler {config.scheduler!r}, not {self.name!r}")
@@ -116,6 +126,7 @@ class DiffusionScheduler:
         self._table: torch.Tensor | None = None
         self._rows: list[list[float]] = []
         self._timesteps_list: list[int] = []
+        self._num_steps = 0
         self._timesteps_set: frozenset[int] = frozenset()
         self.timesteps: torch.Tensor = torch.empty(0, dtype=torch.int64)
         self.num_inference_steps: int | None = None
@@ -123,9 +134,15 @@ class DiffusionScheduler:
         self._state: StepState | None = None
         self._state_key: tuple | None = None
         self._state_np: dict[str, Any] = {}
-        self._fast_sig: tuple | None = None  # (sample shape, output shape, dtype) checked once per run
+        # The previous run's state, reused by the next run of the same sample shape and buffer needs (the
+        # table never reads a buffer before writing it): no new allocation, no page faults, warm caches.
+        self._spare: tuple[tuple, TableInfo, StepState, dict[str, Any]] | None = None
+        # (sample shape, model output shape, dtype) of the run's checked first step on the C++ CPU path
+        self._fast_sig: tuple | None = None
         self._fast_guided_sig: tuple | None = None
         self._bound: Any = None  # the C++ step bound to this run's state (fast path)
+        self._bound_key: tuple | None = None  # (numel, fp16, frames) it was bound for
+        self._state_info: TableInfo | None = None
 
     # -- construction helpers -------------------------------------------------------------------
     @classmethod
@@ -139,7 +156,8 @@ class DiffusionScheduler:
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "DiffusionScheduler":
         """Build from a scheduler_config.json or a model folder (``<folder>/scheduler/scheduler_config.json``)."""
         backend = kwargs.pop("backend", "auto")
-        return cls(SchedulerConfig.from_file(path, scheduler=cls.name, **kwargs), backend=backend)
+        num_threads = kwargs.pop("num_threads", 0)
+        return cls(SchedulerConfig.from_file(path, scheduler=cls.name, **kwargs), backend=backend, num_threads=num_threads)
 
     def save_config(self, path: str | os.PathLike) -> str:
         """Write the config as JSON (``path``: a file or a folder); returns the file written."""
@@ -183,16 +201,20 @@ class DiffusionScheduler:
         self._info = TableInfo(plan.num_history_slots, plan.uses_saved_sample, plan.uses_accumulator)
         self._rows = table.tolist()
         self._timesteps_list = list(plan.timesteps)
+        self._num_steps = len(self._timesteps_list)
         self._timesteps_set = frozenset(self._timesteps_list)
         self.timesteps = torch.tensor(self._timesteps_list, dtype=torch.int64, device=device)
         self.num_inference_steps = num_inference_steps
         self._step_index = 0
+        if self._state is not None:
+            self._spare = (self._state_key, self._state_info, self._state, self._state_np)
         self._state = None
         self._state_key = None
         self._state_np = {}
         self._fast_sig = None
         self._fast_guided_sig = None
         self._bound = None
+        self._bound_key = None
 
     def coefficient_table(self) -> torch.Tensor:
         """The run's table ``(len(timesteps), NUM_COLUMNS)`` float32 (layout: :mod:`.table`)."""
@@ -248,8 +270,14 @@ class DiffusionScheduler:
     def _state_for(self, sample: torch.Tensor) -> StepState:
         key = (tuple(sample.shape), sample.device)
         if self._state is None:
-            self._state = StepState.allocate(self._info, sample.shape, sample.device)
+            spare = self._spare
+            self._spare = None
             self._state_key = key
+            self._state_info = self._info
+            if spare is not None and spare[0] == key and spare[1] == self._info:
+                self._state, self._state_np = spare[2], spare[3]
+                return self._state
+            self._state = StepState.allocate(self._info, sample.shape, sample.device)
             self._state_np = {}
             if sample.device.type == "cpu":
                 for name in ("history", "saved_sample", "accumulator"):
@@ -271,17 +299,18 @@ class DiffusionScheduler:
         )
 
     def _bind(self, sample: torch.Tensor, frames: int) -> Any:
-        """The C++ step bound to this run's state (created after the run's first checked step)."""
-        b = self._bound
-        if b is None:
+        """The C++ step bound to this run's plan and state for samples like ``sample`` (F = ``frames``)."""
+        key = (sample.numel(), sample.dtype == torch.float16, frames)
+        if self._bound is None or self._bound_key != key:
             state = self._state
             ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
-            b = self._native.scheduler_bind(
-                self._plan, sample.numel(), sample.dtype == torch.float16, frames,
-                ptr(state.history), ptr(state.saved_sample), ptr(state.accumulator), state,
+            self._bound = self._native.scheduler_bind(
+                self._plan, key[0], key[1], frames,
+                ptr(state.history), ptr(state.saved_sample), ptr(state.accumulator), state, self._num_threads,
             )  # fmt: skip
-            self._bound = b
-        return b
+            self._bound_key = key
+            self._fast_sig = self._fast_guided_sig = None  # they were checked against the previous binding
+        return self._bound
 
     def _apply(
         self,
@@ -292,12 +321,22 @@ class DiffusionScheduler:
         scale_pose: torch.Tensor | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Step ``k`` after the checks: scales are ``(F,)`` float32 tensors on the sample's device (or None)."""
         state = self._state_for(sample)
         if self._native_ok(model_output, sample):
             x = sample.detach().contiguous()
             m = model_output.detach().contiguous()
             out = torch.empty_like(x) if out is None else out
-            np_state = self._state_np
+            if x.dim() and x.numel():
+                bound = self._bind(x, x.shape[0])
+                if scale_image is None:
+                    bound.step(k, out.data_ptr(), x.data_ptr(), m.data_ptr())
+                else:
+                    bound.step_guided(
+                        k, out.data_ptr(), x.data_ptr(), m.data_ptr(), scale_image.data_ptr(), scale_pose.data_ptr()
+                    )  # fmt: skip
+                return out
+            np_state = self._state_np  # a 0-d or empty sample: the checked binding
             self._plan.step(
                 k,
                 out.detach().numpy(),
@@ -313,16 +352,6 @@ class DiffusionScheduler:
         if scale_image is not None:
             model_output = guidance_combine_ref(model_output, scale_image, scale_pose)
         return table_step_ref(self._rows[k], model_output, sample, state, out)
-
-    @staticmethod
-    def _out_ok(out: Any, sample: torch.Tensor) -> bool:
-        return (
-            type(out) is _Tensor
-            and out.shape == sample.shape
-            and out.dtype == sample.dtype
-            and out.device == sample.device
-            and out.is_contiguous()
-        )
 
     @staticmethod
     def _check_out(out: torch.Tensor | None, sample: torch.Tensor) -> None:
@@ -370,28 +399,36 @@ class DiffusionScheduler:
             receives prev_sample instead of a new tensor.
         Returns ``SchedulerOutput(prev_sample)`` or ``(prev_sample,)``; prev_sample: shape and dtype of ``sample``.
         """
-        k = self._check_timestep(timestep)
-        if (
-            type(sample) is _Tensor
-            and type(model_output) is _Tensor
-            and (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
-                 model_output.device) == self._fast_sig
-            and (out is None or self._out_ok(out, sample))
-        ):  # fmt: skip
-            # Fast path: same signature as the run's checked first step (C++, CPU, fp32/fp16).
-            x = sample if sample.is_contiguous() else sample.contiguous()
-            m = model_output if model_output.is_contiguous() else model_output.contiguous()
-            prev = _empty_like(x) if out is None else out
-            self._bound.step(k, prev.data_ptr(), x.data_ptr(), m.data_ptr())
-            self._step_index = k + 1
-            return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        k = self._step_index
+        if not (type(timestep) is int and k is not None and k < self._num_steps and timestep == self._timesteps_list[k]):
+            k = self._check_timestep(timestep)  # raises unless it is the run's next timestep
+        sig = self._fast_sig
+        if sig is not None and type(sample) is _Tensor and type(model_output) is _Tensor:
+            # Fast path: the run's first step was checked in full and bound in C++ (CPU, fp32/fp16); a later
+            # step with the same signature checks only what the bound step relies on (about 1 us of Python).
+            shape, mshape, dtype = sig
+            if (
+                sample.dtype is dtype and model_output.dtype is dtype and sample.is_cpu and model_output.is_cpu
+                and sample.shape == shape and model_output.shape == mshape
+                and sample.is_contiguous() and model_output.is_contiguous()
+            ):  # fmt: skip
+                prev = out
+                if prev is None:
+                    prev = _empty_like(sample)
+                elif not (
+                    type(prev) is _Tensor and prev.dtype is dtype and prev.is_cpu and prev.shape == shape
+                    and prev.is_contiguous()
+                ):  # fmt: skip
+                    prev = None  # the checked path below raises the error
+                if prev is not None:
+                    self._bound.step(k, prev.data_ptr(), sample.data_ptr(), model_output.data_ptr())
+                    self._step_index = k + 1
+                    return SchedulerOutput(prev) if return_dict else (prev,)
         self._check_pair(model_output, sample, 1)
         self._check_out(out, sample)
         prev = self._apply(k, model_output, sample, None, None, out)
         if self._native_ok(model_output, sample) and sample.dim() and sample.numel():
-            self._bind(sample, sample.shape[0])
-            self._fast_sig = (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
-                              model_output.device)  # fmt: skip
+            self._fast_sig = (sample.shape, model_output.shape, sample.dtype)  # _apply has bound the step
         self._step_index = k + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
@@ -413,26 +450,37 @@ class DiffusionScheduler:
         The guided output is ``e00 + s_I * (eI0 - e00) + s_p * (eIP - eI0)``.
         Returns prev_sample ``(F, C, H, W)`` like :meth:`step` (``out``: as in :meth:`step`).
         """
-        k = self._check_timestep(timestep)
+        k = self._step_index
+        if not (type(timestep) is int and k is not None and k < self._num_steps and timestep == self._timesteps_list[k]):
+            k = self._check_timestep(timestep)  # raises unless it is the run's next timestep
+        sig = self._fast_guided_sig
+        ti, tp = type(guidance_scale_image), type(guidance_scale_pose)
         if (
-            type(sample) is _Tensor
-            and type(model_output) is _Tensor
-            and (sample.shape, model_output.shape, sample.dtype, model_output.dtype, sample.device,
-                 model_output.device) == self._fast_guided_sig
-            and (out is None or self._out_ok(out, sample))
+            sig is not None and type(sample) is _Tensor and type(model_output) is _Tensor
+            and (ti is float or ti is int) and (tp is float or tp is int)
         ):  # fmt: skip
-            # Fast path: same signature as the run's checked first step (C++, CPU, fp32/fp16).
-            ti, tp = type(guidance_scale_image), type(guidance_scale_pose)
-            if (ti is float or ti is int) and (tp is float or tp is int):
-                x = sample if sample.is_contiguous() else sample.contiguous()
-                m = model_output if model_output.is_contiguous() else model_output.contiguous()
-                prev = _empty_like(x) if out is None else out
-                self._bound.step_guided_uniform(
-                    k, prev.data_ptr(), x.data_ptr(), m.data_ptr(), float(guidance_scale_image),
-                    float(guidance_scale_pose),
-                )  # fmt: skip
-                self._step_index = k + 1
-                return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+            # Fast path, as in step(), for scalar guidance scales.
+            shape, mshape, dtype = sig
+            if (
+                sample.dtype is dtype and model_output.dtype is dtype and sample.is_cpu and model_output.is_cpu
+                and sample.shape == shape and model_output.shape == mshape
+                and sample.is_contiguous() and model_output.is_contiguous()
+            ):  # fmt: skip
+                prev = out
+                if prev is None:
+                    prev = _empty_like(sample)
+                elif not (
+                    type(prev) is _Tensor and prev.dtype is dtype and prev.is_cpu and prev.shape == shape
+                    and prev.is_contiguous()
+                ):  # fmt: skip
+                    prev = None  # the checked path below raises the error
+                if prev is not None:
+                    self._bound.step_guided_uniform(
+                        k, prev.data_ptr(), sample.data_ptr(), model_output.data_ptr(), float(guidance_scale_image),
+                        float(guidance_scale_pose),
+                    )  # fmt: skip
+                    self._step_index = k + 1
+                    return SchedulerOutput(prev) if return_dict else (prev,)
         if sample.dim() < 1:
             raise ValueError("sample must have a frame dimension")
         self._check_pair(model_output, sample, 3)
@@ -453,9 +501,7 @@ class DiffusionScheduler:
         self._check_out(out, sample)
         prev = self._apply(k, model_output, sample, scales[0], scales[1], out)
         if self._native_ok(model_output, sample) and sample.numel():
-            self._bind(sample, frames)
-            self._fast_guided_sig = (sample.shape, model_output.shape, sample.dtype, model_output.dtype,
-                                     sample.device, model_output.device)  # fmt: skip
+            self._fast_guided_sig = (sample.shape, model_output.shape, sample.dtype)  # _apply has bound the step
         self._step_index = k + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
@@ -498,6 +544,7 @@ def create_scheduler(
     config: SchedulerConfig | Mapping[str, Any] | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
+    num_threads: int = 0,
     **overrides: Any,
 ) -> DiffusionScheduler:
     """Create "pndm", "ddim" or "dpmpp" (aliases: "plms", "dpmsolver++", "dpm++").
@@ -506,6 +553,7 @@ def create_scheduler(
         :class:`SchedulerConfig`, or a path to a scheduler_config.json / model folder (options of
         another scheduler class are carried over, as diffusers' ``from_config`` does).
     overrides: options that replace the config's. backend: "auto", "cpp" or "python".
+    num_threads: threads of the C++ CPU data plane per step (0: chosen from the tensor size).
     """
     key = {"plms": "pndm", "dpmsolver++": "dpmpp", "dpm++": "dpmpp"}.get(name, name)
     if key not in SCHEDULERS:
@@ -514,4 +562,4 @@ def create_scheduler(
         config = SchedulerConfig.from_file(config, scheduler=key)
     if isinstance(config, SchedulerConfig) and config.scheduler != key:
         config = {k: v for k, v in config.to_dict().items() if k != "scheduler"}
-    return SCHEDULERS[key](config, backend=backend, **overrides)
+    return SCHEDULERS[key](config, backend=backend, num_threads=num_threads, **overrides)
