@@ -1,6 +1,12 @@
 """Build script: the Python packages plus the C++ extension ``dreampose_rt._C``.
 
-The extension is plain C++17 (no CUDA, no torch headers) and builds on every machine.
+The scheduler core (csrc/scheduler/, csrc/parallel.*) is plain C++17 with no Python and no torch;
+the pybind11 glue reads torch tensors directly (the per-step fast path), so the extension is built
+against the installed torch (CPU headers only, no CUDA) with torch's own compiler flags (C++20 for
+torch >= 2.10). Build without isolation, next to the torch you will run: ``pip install
+--no-build-isolation -e .`` (``make install`` does). Where torch cannot be imported at build time the
+extension is skipped with a warning and the pure-Python scheduler is used.
+
 Environment variables:
 
 * ``DREAMPOSE_RT_SKIP_EXT=1``: do not build the extension (the pure-Python fallbacks are used).
@@ -13,17 +19,29 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import warnings
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _torch_cpp_extension():
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as exc:
+        warnings.warn(f"dreampose_rt._C is not built: torch is not importable at build time ({exc}); "
+                      "install torch first and build with --no-build-isolation")
+        return None
+    return cpp_extension
+
+
 def _ext_modules() -> list:
     if os.environ.get("DREAMPOSE_RT_SKIP_EXT", "0") == "1":
         return []
-    from pybind11.setup_helpers import Pybind11Extension
-
+    cpp_extension = _torch_cpp_extension()
+    if cpp_extension is None:
+        return []
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     debug = os.environ.get("DREAMPOSE_RT_DEBUG", "0") == "1"
     extra = ["-O0", "-g"] if debug else ["-O3"]
@@ -31,11 +49,10 @@ def _ext_modules() -> list:
         # -Wno-psabi: GCC notes that 32-byte vector arguments of internal helpers change the ABI without AVX
         extra += ["-pthread", "-fvisibility=hidden", "-Wno-psabi"]
     return [
-        Pybind11Extension(
+        cpp_extension.CppExtension(
             "dreampose_rt._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            cxx_std=17,
             extra_compile_args=extra,
             extra_link_args=["-pthread"] if sys.platform != "win32" else [],
             define_macros=[("DREAMPOSE_RT_BUILD_FLAGS", '"' + " ".join(extra) + '"')],
@@ -44,13 +61,16 @@ def _ext_modules() -> list:
 
 
 def _cmdclass() -> dict:
-    try:
-        from pybind11.setup_helpers import ParallelCompile, build_ext
+    cpp_extension = _torch_cpp_extension()
+    if cpp_extension is None:
+        return {}
+    try:  # parallel compilation of the sources when ninja is absent (torch's builder then compiles serially)
+        from pybind11.setup_helpers import ParallelCompile
 
         ParallelCompile("MAX_JOBS").install()
-        return {"build_ext": build_ext}
-    except ImportError:  # pragma: no cover - pybind11 is a build requirement
-        return {}
+    except ImportError:
+        pass
+    return {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
 packages = find_packages(include=["dreampose", "dreampose.*", "dreampose_rt", "dreampose_rt.*"])

@@ -1,6 +1,13 @@
 // pybind11 glue of the scheduler: converts options and buffers, checks them (errors name the
 // argument), fills the plain structs of scheduler/schedule.h and scheduler/step_kernel.h.
-// Buffers arrive through the buffer protocol (numpy views of CPU torch tensors).
+// Buffers arrive through the buffer protocol (numpy views of CPU torch tensors), as data pointers
+// checked in Python, or as torch tensors checked here (the per-step fast path: reading a tensor's
+// dtype, device, sizes and contiguity from C++ costs nanoseconds, from Python about 1 us a step).
+// This file is the only one that sees torch; the scheduler core (scheduler/*) is plain C++17.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/python_variable.h>
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -194,6 +201,8 @@ struct PyBoundStep {
   int64_t frames = 1;
   std::vector<float> uniform_image, uniform_pose;  // scratch for scalar guidance scales
   int num_threads = 0;
+  std::vector<int64_t> sizes;  // of the sample the binding was made for
+  at::ScalarType dtype = at::kFloat;
 
   const sch::StepRow& row(int64_t k) const {
     const int64_t n = static_cast<int64_t>(plan->rows.size());
@@ -245,12 +254,74 @@ struct PyBoundStep {
     step_guided(k, out, sample, model_output, reinterpret_cast<uintptr_t>(uniform_image.data()),
                 reinterpret_cast<uintptr_t>(uniform_pose.data()));
   }
+
+  // Point the binding at another run's plan (a new set_timesteps) that needs no more buffers than it has.
+  void set_plan(const py::object& plan_obj) {
+    const PyPlan& p = plan_obj.cast<const PyPlan&>();
+    for (int j = 0; j < p.plan.num_history_slots; ++j)
+      if (j >= sch::kMaxHistory || buf.history[j] == nullptr) bad("the plan needs more history slots than are bound");
+    if (p.plan.uses_saved_sample && buf.saved_sample == nullptr) bad("the plan needs a saved sample buffer");
+    if (p.plan.uses_accumulator && buf.accumulator == nullptr) bad("the plan needs an accumulator buffer");
+    plan_owner = plan_obj;
+    plan = &p.plan;
+  }
+
+  // The tensor `obj` if it is a plain CPU tensor of the bound dtype, contiguous, sized like the sample
+  // with `rows` times its frames; nullptr otherwise.
+  const at::Tensor* match(PyObject* obj, int64_t rows) const {
+    if (!THPVariable_CheckExact(obj)) return nullptr;
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (t.scalar_type() != dtype || !t.device().is_cpu() || t.layout() != at::kStrided || t.is_neg() ||
+        !t.is_contiguous())
+      return nullptr;
+    const auto sz = t.sizes();
+    if (sz.size() != sizes.size() || sz[0] != sizes[0] * rows) return nullptr;
+    for (size_t d = 1; d < sizes.size(); ++d)
+      if (sz[d] != sizes[d]) return nullptr;
+    return &t;
+  }
+
+  // The per-step fast path: step k on tensors that match the binding; `out` None: a new tensor.
+  // Returns the tensor written, or None when a tensor does not match (the caller then takes its
+  // checked path, which names the problem). guided: model_output holds the three branches.
+  py::object step_tensors(int64_t k, py::handle out, py::handle sample, py::handle model_output, bool guided,
+                          double scale_image, double scale_pose) {
+    const at::Tensor* x = match(sample.ptr(), 1);
+    const at::Tensor* m = x ? match(model_output.ptr(), guided ? 3 : 1) : nullptr;
+    if (m == nullptr) return py::none();
+    py::object result;
+    void* out_ptr;
+    if (out.is_none()) {
+      at::Tensor fresh = at::empty(x->sizes(), x->options());
+      out_ptr = fresh.data_ptr();
+      result = py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(fresh)));
+    } else {
+      const at::Tensor* o = match(out.ptr(), 1);
+      if (o == nullptr) return py::none();
+      out_ptr = o->data_ptr();
+      result = py::reinterpret_borrow<py::object>(out);
+    }
+    const auto o = reinterpret_cast<uintptr_t>(out_ptr), xs = reinterpret_cast<uintptr_t>(x->data_ptr()),
+               ms = reinterpret_cast<uintptr_t>(m->data_ptr());
+    if (guided) {
+      step_guided_uniform(k, o, xs, ms, scale_image, scale_pose);
+    } else {
+      step(k, o, xs, ms);
+    }
+    return result;
+  }
 };
 
-PyBoundStep bind_plan(const py::object& plan_obj, int64_t numel, bool half, int64_t frames, uintptr_t history,
+PyBoundStep bind_plan(const py::object& plan_obj, const py::object& sample, int64_t frames, uintptr_t history,
                       uintptr_t saved_sample, uintptr_t accumulator, const py::object& state_owner,
                       int num_threads) {
   const PyPlan& p = plan_obj.cast<const PyPlan&>();
+  if (!THPVariable_Check(sample.ptr())) bad("sample must be a torch tensor");
+  const at::Tensor& t = THPVariable_Unpack(sample.ptr());
+  if (t.dim() < 1) bad("sample must have a frame dimension");
+  if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kHalf) bad("sample must be float32 or float16");
+  const int64_t numel = t.numel();
+  const bool half = t.scalar_type() == at::kHalf;
   if (numel < 1) bad("numel must be >= 1");
   if (frames < 1 || numel % frames != 0) {
     std::ostringstream os;
@@ -267,6 +338,8 @@ PyBoundStep bind_plan(const py::object& plan_obj, int64_t numel, bool half, int6
   b.uniform_pose.assign(static_cast<size_t>(frames), 0.f);
   b.buf.dtype = half ? sch::DType::kFloat16 : sch::DType::kFloat32;
   b.buf.numel = numel;
+  b.sizes.assign(t.sizes().begin(), t.sizes().end());
+  b.dtype = t.scalar_type();
   if (p.plan.num_history_slots > 0) {
     if (!history) bad("history is required");
     for (int j = 0; j < p.plan.num_history_slots; ++j)
@@ -341,11 +414,18 @@ void register_scheduler(py::module_& m) {
       .def("step_guided", &PyBoundStep::step_guided, py::arg("k"), py::arg("out"), py::arg("sample"),
            py::arg("model_output"), py::arg("scale_image"), py::arg("scale_pose"))
       .def("step_guided_uniform", &PyBoundStep::step_guided_uniform, py::arg("k"), py::arg("out"),
-           py::arg("sample"), py::arg("model_output"), py::arg("scale_image"), py::arg("scale_pose"));
-  m.def("scheduler_bind", &bind_plan, py::arg("plan"), py::arg("numel"), py::arg("half"), py::arg("frames"),
-        py::arg("history"), py::arg("saved_sample"), py::arg("accumulator"), py::arg("state_owner"),
-        py::arg("num_threads") = 0,
-        "Bind a plan to a run's fp32 state buffers (data pointers; 0 for an unused buffer).");
+           py::arg("sample"), py::arg("model_output"), py::arg("scale_image"), py::arg("scale_pose"))
+      .def("set_plan", &PyBoundStep::set_plan, py::arg("plan"),
+           "Use another plan with the same buffers (checked: the plan needs no buffer that is not bound).")
+      .def("step_tensors", &PyBoundStep::step_tensors, py::arg("k"), py::arg("out"), py::arg("sample"),
+           py::arg("model_output"), py::arg("guided") = false, py::arg("scale_image") = 0.0,
+           py::arg("scale_pose") = 0.0,
+           "Step k on tensors that match the binding (out None: a new tensor); the tensor written, or None "
+           "when a tensor does not match.");
+  m.def("scheduler_bind", &bind_plan, py::arg("plan"), py::arg("sample"), py::arg("frames"), py::arg("history"),
+        py::arg("saved_sample"), py::arg("accumulator"), py::arg("state_owner"), py::arg("num_threads") = 0,
+        "Bind a plan to a run's fp32 state buffers (data pointers; 0 for an unused buffer) for samples shaped "
+        "and typed like `sample`.");
 
   m.def("scheduler_make_plan", [](const sch::Config& cfg, int n) { return PyPlan{sch::make_plan(cfg, n)}; },
         py::arg("config"), py::arg("num_inference_steps"));

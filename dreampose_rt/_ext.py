@@ -1,7 +1,8 @@
 """Loads the native extension ``dreampose_rt._C`` once and remembers why it failed, if it did.
 
 Callers ask :func:`load_extension` (the module or ``None``) and :func:`extension_error` (the reason);
-each op decides whether to fall back and says so once (see ``dreampose_rt.scheduler``).
+each op decides whether to fall back and says so once (see ``dreampose_rt.scheduler``). The extension
+is compiled against torch's headers, so it is refused (with the reason) under another torch version.
 Set ``DREAMPOSE_RT_NO_EXT=1`` to run as if the extension were missing.
 """
 
@@ -29,7 +30,16 @@ def load_extension() -> ModuleType | None:
                 _error = "disabled by DREAMPOSE_RT_NO_EXT=1"
             else:
                 try:
-                    _module = importlib.import_module("dreampose_rt._C")
+                    import torch  # (loads libc10/libtorch, which the extension links against)
+
+                    mod = importlib.import_module("dreampose_rt._C")
+                    built = getattr(mod, "torch_version", None)
+                    running = torch.__version__.split("+")[0]
+                    if built is not None and built != running:
+                        _error = (f"dreampose_rt._C was built against torch {built}, this is torch {running}: "
+                                  "rebuild it with `pip install --no-build-isolation -e .`")
+                    else:
+                        _module = mod
                 except ImportError as exc:  # not built, wrong ABI, missing symbol
                     _error = f"{type(exc).__name__}: {exc}"
             _tried = True

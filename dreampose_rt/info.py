@@ -43,6 +43,7 @@ def _extension() -> Section:
         ("build flags", getattr(mod, "build_flags", "?") or "(none)"),
         ("compiler", getattr(mod, "compiler", "?")),
         ("pybind11", getattr(mod, "pybind11_version", "?")),
+        ("built against torch", getattr(mod, "torch_version", "?")),
         ("C++ standard", str(getattr(mod, "cplusplus", "?"))),
     ]
 

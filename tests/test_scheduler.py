@@ -495,6 +495,20 @@ def test_info_reports_the_extension(capsys):
     assert "extension" in text and "torch" in text
     if HAVE_CPP:
         assert "loaded" in text and "-O3" in text and "pybind11" in text
+        assert "built against torch" in text and torch.__version__.split("+")[0] in text
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="checks the loader's refusal of a mismatched build; no extension here")
+def test_extension_built_for_another_torch_is_refused_with_the_reason():
+    script = (
+        "import torch; torch.__version__ = '0.0.1'\n"
+        "from dreampose_rt import _ext\n"
+        "assert _ext.load_extension() is None\n"
+        "print(_ext.extension_error())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "built against torch" in proc.stdout and "0.0.1" in proc.stdout and "--no-build-isolation" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------

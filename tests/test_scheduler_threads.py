@@ -173,3 +173,21 @@ def test_num_threads_is_checked():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="num_threads"):
             create_scheduler("pndm", num_threads=bad)
+
+
+def test_the_core_is_plain_cxx17_without_python_or_torch():
+    """csrc/scheduler/ and csrc/parallel.* compile as C++17 with no include path but csrc/ (the bindings
+    are the only files that see pybind11 and torch)."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    csrc = os.path.join(root, "csrc")
+    sources = [os.path.join(csrc, "scheduler", f) for f in ("schedule.cpp", "step_kernel.cpp")]
+    sources.append(os.path.join(csrc, "parallel.cpp"))
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-psabi", "-Wno-unknown-warning-option"]
+    cmd += ["-I" + csrc, *sources]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,8 +24,6 @@ from .table import COLUMNS, NUM_COLUMNS, StepState, TableInfo, guidance_combine_
 
 logger = logging.getLogger(__name__)
 
-_Tensor = torch.Tensor
-_empty_like = torch.empty_like
 
 BACKENDS = ("auto", "cpp", "python")
 _warned_fallback = False
@@ -134,12 +132,6 @@ class DiffusionScheduler:
         self._state: StepState | None = None
         self._state_key: tuple | None = None
         self._state_np: dict[str, Any] = {}
-        # The previous run's state, reused by the next run of the same sample shape and buffer needs (the
-        # table never reads a buffer before writing it): no new allocation, no page faults, warm caches.
-        self._spare: tuple[tuple, TableInfo, StepState, dict[str, Any]] | None = None
-        # (sample shape, model output shape, dtype) of the run's checked first step on the C++ CPU path
-        self._fast_sig: tuple | None = None
-        self._fast_guided_sig: tuple | None = None
         self._bound: Any = None  # the C++ step bound to this run's state (fast path)
         self._bound_key: tuple | None = None  # (numel, fp16, frames) it was bound for
         self._state_info: TableInfo | None = None
@@ -206,15 +198,17 @@ class DiffusionScheduler:
         self.timesteps = torch.tensor(self._timesteps_list, dtype=torch.int64, device=device)
         self.num_inference_steps = num_inference_steps
         self._step_index = 0
-        if self._state is not None:
-            self._spare = (self._state_key, self._state_info, self._state, self._state_np)
-        self._state = None
-        self._state_key = None
-        self._state_np = {}
-        self._fast_sig = None
-        self._fast_guided_sig = None
-        self._bound = None
-        self._bound_key = None
+        # The state buffers outlive the run: the next run of the same sample shape and buffer needs reuses
+        # them (the table never reads a buffer before writing it: no allocation, no page faults, warm caches)
+        # and keeps the C++ binding, pointed at the new plan, so that even its first step is a fast one.
+        if self._state is not None and self._state_info != self._info:
+            self._state = self._state_key = self._state_info = None
+            self._state_np = {}
+        if self._bound is not None:
+            if self._state is not None and self._native is not None:
+                self._bound.set_plan(plan)
+            else:
+                self._bound = self._bound_key = None
 
     def coefficient_table(self) -> torch.Tensor:
         """The run's table ``(len(timesteps), NUM_COLUMNS)`` float32 (layout: :mod:`.table`)."""
@@ -269,25 +263,23 @@ class DiffusionScheduler:
 
     def _state_for(self, sample: torch.Tensor) -> StepState:
         key = (tuple(sample.shape), sample.device)
-        if self._state is None:
-            spare = self._spare
-            self._spare = None
-            self._state_key = key
-            self._state_info = self._info
-            if spare is not None and spare[0] == key and spare[1] == self._info:
-                self._state, self._state_np = spare[2], spare[3]
-                return self._state
-            self._state = StepState.allocate(self._info, sample.shape, sample.device)
-            self._state_np = {}
-            if sample.device.type == "cpu":
-                for name in ("history", "saved_sample", "accumulator"):
-                    buf = getattr(self._state, name)
-                    self._state_np[name] = buf.numpy() if buf is not None else None
-        elif key != self._state_key:
+        if self._state is not None and key == self._state_key:
+            return self._state
+        if self._state is not None and self._step_index:
             raise ValueError(
                 f"sample shape {tuple(sample.shape)} on {sample.device} differs from the run's "
                 f"{self._state_key[0]} on {self._state_key[1]}"
             )
+        # the run's first step, on a new shape or device (or the first run)
+        self._state = StepState.allocate(self._info, sample.shape, sample.device)
+        self._state_key = key
+        self._state_info = self._info
+        self._state_np = {}
+        self._bound = self._bound_key = None
+        if sample.device.type == "cpu":
+            for name in ("history", "saved_sample", "accumulator"):
+                buf = getattr(self._state, name)
+                self._state_np[name] = buf.numpy() if buf is not None else None
         return self._state
 
     def _native_ok(self, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
@@ -305,11 +297,10 @@ class DiffusionScheduler:
             state = self._state
             ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
             self._bound = self._native.scheduler_bind(
-                self._plan, key[0], key[1], frames,
+                self._plan, sample, frames,
                 ptr(state.history), ptr(state.saved_sample), ptr(state.accumulator), state, self._num_threads,
             )  # fmt: skip
             self._bound_key = key
-            self._fast_sig = self._fast_guided_sig = None  # they were checked against the previous binding
         return self._bound
 
     def _apply(
@@ -402,33 +393,17 @@ class DiffusionScheduler:
         k = self._step_index
         if not (type(timestep) is int and k is not None and k < self._num_steps and timestep == self._timesteps_list[k]):
             k = self._check_timestep(timestep)  # raises unless it is the run's next timestep
-        sig = self._fast_sig
-        if sig is not None and type(sample) is _Tensor and type(model_output) is _Tensor:
-            # Fast path: the run's first step was checked in full and bound in C++ (CPU, fp32/fp16); a later
-            # step with the same signature checks only what the bound step relies on (about 1 us of Python).
-            shape, mshape, dtype = sig
-            if (
-                sample.dtype is dtype and model_output.dtype is dtype and sample.is_cpu and model_output.is_cpu
-                and sample.shape == shape and model_output.shape == mshape
-                and sample.is_contiguous() and model_output.is_contiguous()
-            ):  # fmt: skip
-                prev = out
-                if prev is None:
-                    prev = _empty_like(sample)
-                elif not (
-                    type(prev) is _Tensor and prev.dtype is dtype and prev.is_cpu and prev.shape == shape
-                    and prev.is_contiguous()
-                ):  # fmt: skip
-                    prev = None  # the checked path below raises the error
-                if prev is not None:
-                    self._bound.step(k, prev.data_ptr(), sample.data_ptr(), model_output.data_ptr())
-                    self._step_index = k + 1
-                    return SchedulerOutput(prev) if return_dict else (prev,)
+        bound = self._bound
+        if bound is not None:
+            # Fast path: the run's first step was checked in full and bound in C++; the bound step checks the
+            # tensors against that (dtype, CPU, sizes, contiguity) in C++ and returns None if one differs.
+            prev = bound.step_tensors(k, out, sample, model_output)
+            if prev is not None:
+                self._step_index = k + 1
+                return SchedulerOutput(prev) if return_dict else (prev,)
         self._check_pair(model_output, sample, 1)
         self._check_out(out, sample)
         prev = self._apply(k, model_output, sample, None, None, out)
-        if self._native_ok(model_output, sample) and sample.dim() and sample.numel():
-            self._fast_sig = (sample.shape, model_output.shape, sample.dtype)  # _apply has bound the step
         self._step_index = k + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
@@ -453,34 +428,14 @@ class DiffusionScheduler:
         k = self._step_index
         if not (type(timestep) is int and k is not None and k < self._num_steps and timestep == self._timesteps_list[k]):
             k = self._check_timestep(timestep)  # raises unless it is the run's next timestep
-        sig = self._fast_guided_sig
+        bound = self._bound
         ti, tp = type(guidance_scale_image), type(guidance_scale_pose)
-        if (
-            sig is not None and type(sample) is _Tensor and type(model_output) is _Tensor
-            and (ti is float or ti is int) and (tp is float or tp is int)
-        ):  # fmt: skip
+        if bound is not None and (ti is float or ti is int) and (tp is float or tp is int):
             # Fast path, as in step(), for scalar guidance scales.
-            shape, mshape, dtype = sig
-            if (
-                sample.dtype is dtype and model_output.dtype is dtype and sample.is_cpu and model_output.is_cpu
-                and sample.shape == shape and model_output.shape == mshape
-                and sample.is_contiguous() and model_output.is_contiguous()
-            ):  # fmt: skip
-                prev = out
-                if prev is None:
-                    prev = _empty_like(sample)
-                elif not (
-                    type(prev) is _Tensor and prev.dtype is dtype and prev.is_cpu and prev.shape == shape
-                    and prev.is_contiguous()
-                ):  # fmt: skip
-                    prev = None  # the checked path below raises the error
-                if prev is not None:
-                    self._bound.step_guided_uniform(
-                        k, prev.data_ptr(), sample.data_ptr(), model_output.data_ptr(), float(guidance_scale_image),
-                        float(guidance_scale_pose),
-                    )  # fmt: skip
-                    self._step_index = k + 1
-                    return SchedulerOutput(prev) if return_dict else (prev,)
+            prev = bound.step_tensors(k, out, sample, model_output, True, guidance_scale_image, guidance_scale_pose)
+            if prev is not None:
+                self._step_index = k + 1
+                return SchedulerOutput(prev) if return_dict else (prev,)
         if sample.dim() < 1:
             raise ValueError("sample must have a frame dimension")
         self._check_pair(model_output, sample, 3)
@@ -500,8 +455,6 @@ class DiffusionScheduler:
             scales.append(t)
         self._check_out(out, sample)
         prev = self._apply(k, model_output, sample, scales[0], scales[1], out)
-        if self._native_ok(model_output, sample) and sample.numel():
-            self._fast_guided_sig = (sample.shape, model_output.shape, sample.dtype)  # _apply has bound the step
         self._step_index = k + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
