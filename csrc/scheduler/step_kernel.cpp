@@ -391,9 +391,12 @@ void run_range_fast(FastFn fn, float pz, const StepRow& row, const StepBuffers& 
   const int64_t N = buf.numel;
   const bool need_x = row.ox != 0.f || row.qx != 0.f;
   auto in = [](float coef, const float* p, int64_t i) { return (coef != 0.f && p != nullptr) ? p + i : nullptr; };
+  // fp32 reads and writes the buffers in place, so a block only ends at a frame boundary (guidance
+  // scales are per frame); fp16 goes through kBlock-element scratch, as does a row without x (kZeros).
+  const int64_t block = kF32 && need_x ? end - begin : kBlock;
   int64_t i = begin;
   while (i < end) {
-    int64_t stop = std::min(end, i + kBlock);
+    int64_t stop = std::min(end, i + block);
     FastIn p{};
     if (g.enabled) {  // keep a block inside one frame so that the scales are constant
       const int64_t f = i / g.frame_numel;
