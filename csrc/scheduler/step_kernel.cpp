@@ -514,30 +514,32 @@ void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, in
 
 template <typename T>
 struct RangeJob {
-  const StepRow* row;
-  const StepBuffers* buf;
-  const Guidance* g;
-  FastFn fast;
-  float pz;
-  int64_t chunk;  // elements per chunk (a multiple of kBlock)
+  // Copies, not pointers: a pool worker reads the job from a few adjacent cache lines (fetched
+  // together) instead of following pointers into the caller's stack one miss at a time.
+  StepRow row;
+  StepBuffers buf;
+  Guidance g;
+  FastFn fast = nullptr;
+  float pz = 0.f;
+  int64_t chunk = 0;  // elements per chunk (a multiple of kBlock)
 
   void range(int64_t b, int64_t e) const {
     if (fast != nullptr) {
-      run_range_fast<T>(fast, pz, *row, *buf, *g, b, e);
+      run_range_fast<T>(fast, pz, row, buf, g, b, e);
     } else {
-      run_range<T>(*row, *buf, *g, b, e);
+      run_range<T>(row, buf, g, b, e);
     }
   }
   static void chunk_fn(void* ctx, int64_t c) {
     const RangeJob& j = *static_cast<const RangeJob*>(ctx);
-    j.range(c * j.chunk, std::min(j.buf->numel, (c + 1) * j.chunk));
+    j.range(c * j.chunk, std::min(j.buf.numel, (c + 1) * j.chunk));
   }
 };
 
 template <typename T>
 void run(const StepRow& row, const StepBuffers& buf, const Guidance& g, int num_threads) {
   const int64_t N = buf.numel;
-  RangeJob<T> job{&row, &buf, &g, nullptr, 0.f, 0};
+  RangeJob<T> job{row, buf, g};
   job.fast = fast_fn_for(row, buf, g.enabled, &job.pz);
   if (num_threads <= 0) num_threads = static_cast<int>(std::min<int64_t>(1 << 20, N / kGrainPerThread));
   if (num_threads <= 1 || N < 2 * kBlock) {
