@@ -72,11 +72,15 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
         "shape": list(shape),
         "elements": x.numel(),
         "median_us_per_step": {k: v * 1e6 for k, v in med.items()},
+        # the spread over rounds (this machine is shared: the slow rounds are other load, not the code)
+        "min_us_per_step": {k: min(v) * 1e6 for k, v in samples.items()},
+        "max_us_per_step": {k: max(v) * 1e6 for k, v in samples.items()},
         "speedup_vs_diffusers_step": {
             "ours_step": med["diffusers_step"] / med["ours_step"],
             "ours_fused_combine_step": med["diffusers_step"] / med["ours_fused_combine_step"],
             "ours_fused_vs_diffusers_combine_then_step": med["diffusers_combine_then_step"]
             / med["ours_fused_combine_step"],
+            **({"ours_step_out": med["diffusers_step"] / med["ours_step_out"]} if "ours_step_out" in med else {}),
         },
         "notes": "ours_step_out: step(..., out=buf) into a buffer reused across steps (no new output tensor)",
         "rounds": rounds,
@@ -101,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     backend = create_scheduler("pndm", backend=args.backend).backend
     ext = _ext.load_extension()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     results = [bench(f, args.rounds, args.steps, args.backend) for f in args.frames]
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     record = {
         "benchmark": "scheduler_step",
         "device": "cpu",
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "backend": backend,
+        # 1/5/15-minute load averages around the run: the ratios move with the machine's load
+        "load_average": {"before": load_before, "after": load_after},
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "extension_build_flags": getattr(ext, "build_flags", None),
             "extension_compiler": getattr(ext, "compiler", None),
             "pybind11": getattr(ext, "pybind11_version", None),
+            "extension_torch": getattr(ext, "torch_version", None),
         },
         "results": results,
     }

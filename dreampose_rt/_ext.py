@@ -42,6 +42,9 @@ def load_extension() -> ModuleType | None:
                         _module = mod
                 except ImportError as exc:  # not built, wrong ABI, missing symbol
                     _error = f"{type(exc).__name__}: {exc}"
+                    if isinstance(exc, ModuleNotFoundError) and exc.name == "dreampose_rt._C":
+                        _error += (" (it is built next to an installed torch: "
+                                   "`pip install --no-build-isolation -e .`)")
             _tried = True
     return _module
 

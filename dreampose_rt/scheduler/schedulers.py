@@ -178,7 +178,8 @@ class DiffusionScheduler:
 
     # -- the run --------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Plan a run of ``num_inference_steps`` and reset the state. ``device``: where ``timesteps`` lives."""
+        """Plan a new run of ``num_inference_steps`` (nothing carries over from the last run but its buffers).
+        ``device``: where ``timesteps`` lives."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
         if self._native is not None:
