@@ -591,3 +591,67 @@ def test_a_run_that_switches_dtype_rebinds_the_fast_path():
             assert y.dtype == (torch.float16 if half else torch.float32)
         ys.append(y.float())
     assert rel(ys[0], ys[1]) <= 1e-6
+
+
+def test_step_recycles_an_output_only_when_nothing_can_see_it():
+    """step() without out= may write a new output into an earlier output that is dead (only the scheduler
+    holds it); anything that can still see the old one keeps it from being reused."""
+    import weakref
+
+    if not HAVE_CPP:
+        pytest.skip("recycling is the C++ binding's; the extension did not load")
+    s = create_scheduler("pndm", SD_PNDM, backend="cpp")
+    s.set_timesteps(60)
+    ts = iter(s.timesteps.tolist())
+    x, outs = random_run(60, shape=(1, 4, 8, 8), seed=11)
+    e = outs[0]
+
+    def step():
+        return s.step(e, next(ts), x).prev_sample
+
+    step()
+    y = step()
+    dead = id(y)
+    del y
+    assert id(step()) == dead  # dead: reused (and the temporary just returned is dead again)
+
+    keepers = {
+        "attribute": lambda t: setattr(t, "tag", 1),
+        "weakref": lambda t: weakref.ref(t),
+        "view": lambda t: t[0],
+        "storage": lambda t: t.untyped_storage(),
+        "numpy": lambda t: t.numpy(),
+        "requires_grad": lambda t: t.requires_grad_(),
+    }
+    for name, keep in keepers.items():
+        for _ in range(2):  # flush both slots
+            step()
+        y = step()
+        held = keep(y)
+        old = id(y)
+        del y
+        z1, z2 = step(), step()
+        assert old not in (id(z1), id(z2)), name
+        del held, z1, z2
+
+
+def test_outputs_that_are_kept_are_never_overwritten():
+    """The diffusers loop keeping every step's output: each kept tensor still holds its step's values."""
+    if not HAVE_CPP:
+        pytest.skip("recycling is the C++ binding's; the extension did not load")
+    n = 12
+    x, outs = random_run(n, shape=(1, 4, 8, 8), seed=12)
+    kept, ref = [], []
+    a = create_scheduler("pndm", SD_PNDM, backend="cpp")
+    b = create_scheduler("pndm", SD_PNDM, backend="python")
+    a.set_timesteps(n)
+    b.set_timesteps(n)
+    ya = yb = x
+    for i, t in enumerate(a.timesteps.tolist()):
+        ya = a.step(outs[i], t, ya).prev_sample
+        yb = b.step(outs[i], t, yb).prev_sample
+        kept.append(ya)
+        ref.append(yb.clone())
+    assert len({id(k) for k in kept}) == len(kept)
+    for k, r in zip(kept, ref):
+        assert rel(k, r) <= 1e-6
