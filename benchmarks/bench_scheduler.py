@@ -2,9 +2,9 @@
 
     python -m dreampose_rt.benchmarks.bench_scheduler [--frames 1 16] [--rounds 30] [--backend cpp]
 
-Interleaved (A B C A B C ...): each round runs one whole 100-step PNDM (SD 1.x config) loop per
-variant on the same inputs and records the mean time per step; the table gives medians over rounds
-and the ratio to diffusers. Results go to benchmarks/results/bench_scheduler_<device>_<date>.json.
+Interleaved (A B C, B C A, C A B, ...: the order rotates by one each round): each round runs one whole
+100-step PNDM (SD 1.x config) loop per variant on the same inputs and records the mean time per step;
+the table gives medians over rounds and the ratio to diffusers. Results go to benchmarks/results/bench_scheduler_<device>_<date>.json.
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
         buf = torch.empty_like(x)
         variants["ours_step_out"] = (ours_out, lambda t: ours_out.step(eps, t, x, out=buf))
     samples: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants.items())
     for r in range(rounds + 1):  # round 0 warms up
-        for name, (sched, fn) in variants.items():
+        # Each round starts one variant later, so that every variant follows every other equally often:
+        # what runs before a variant matters (torch's OpenMP threads keep spinning after diffusers' ops and
+        # take a core from our pool's worker; the previous variant's buffers fill the caches).
+        for name, (sched, fn) in order[r % len(order) :] + order[: r % len(order)]:
             sched.set_timesteps(steps)
             ts = sched.timesteps.tolist()
             dt = _loop_time(fn, ts)
@@ -82,7 +86,8 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
             / med["ours_fused_combine_step"],
             **({"ours_step_out": med["diffusers_step"] / med["ours_step_out"]} if "ours_step_out" in med else {}),
         },
-        "notes": "ours_step_out: step(..., out=buf) into a buffer reused across steps (no new output tensor)",
+        "notes": "ours_step_out: step(..., out=buf) into a buffer reused across steps (no new output tensor); "
+        "the order of the variants rotates by one each round",
         "rounds": rounds,
         "steps_per_round": len(ts),
     }

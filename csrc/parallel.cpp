@@ -45,6 +45,13 @@ constexpr std::chrono::microseconds kSpin(50);
 // ago), where the woken worker then stays awake for the calls that follow. A small job after an idle
 // spell (a scheduler step after a model call) runs on the threads that are awake.
 constexpr std::chrono::microseconds kTightLoop(100);
+// A worker that has taken a chunk and is then preempted (another busy thread on its core, e.g. torch's
+// OpenMP workers, which spin for milliseconds after a parallel op) makes the caller wait for the
+// scheduler to run it again: up to a time slice, against a few microseconds of work. When a caller
+// has waited longer than kStall for a worker, small jobs run on the caller alone for kBackoff (large
+// ones still share: for them a second core is worth the risk).
+constexpr std::chrono::microseconds kStall(30);
+constexpr std::chrono::milliseconds kBackoff(20);
 constexpr int kMaxSlots = 64;
 constexpr int64_t kMaxClaims = 0xffff;  // the cursor word holds 16-bit indices
 
@@ -80,6 +87,7 @@ class Pool {
   bool run(ChunkFn fn, void* ctx, int64_t num_chunks, int64_t group, int slots, bool large) {
     std::unique_lock<std::mutex> lk(call_mutex_, std::try_to_lock);
     if (!lk.owns_lock()) return false;
+    if (!large && std::chrono::steady_clock::now() < backoff_until_) return false;
     const int64_t claims = (num_chunks + group - 1) / group;
     const uint32_t tag = gen_.load(std::memory_order_relaxed) + 1;
     fn_.store(fn, std::memory_order_relaxed);
@@ -95,8 +103,14 @@ class Pool {
         (large || std::chrono::steady_clock::now() - last_end_ < kTightLoop))
       wake_all();
     work(tag, 0, fn, ctx, num_chunks, group, slots);
-    while (done_.load(std::memory_order_acquire) < claims) cpu_relax();
-    last_end_ = std::chrono::steady_clock::now();
+    if (done_.load(std::memory_order_acquire) < claims) {
+      const auto waited_from = std::chrono::steady_clock::now();
+      while (done_.load(std::memory_order_acquire) < claims) cpu_relax();
+      last_end_ = std::chrono::steady_clock::now();
+      if (last_end_ - waited_from > kStall) backoff_until_ = last_end_ + kBackoff;
+    } else {
+      last_end_ = std::chrono::steady_clock::now();
+    }
     return true;
   }
 
@@ -173,7 +187,8 @@ class Pool {
   static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
   const int workers_;
   std::mutex call_mutex_;
-  std::chrono::steady_clock::time_point last_end_{};  // guarded by call_mutex_
+  std::chrono::steady_clock::time_point last_end_{};       // guarded by call_mutex_
+  std::chrono::steady_clock::time_point backoff_until_{};  // guarded by call_mutex_
   // The mailbox: one cache line, written by the caller, read by the workers.
   alignas(64) std::atomic<uint32_t> gen_{0};
   std::atomic<int> slots_{0};

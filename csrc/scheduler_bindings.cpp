@@ -281,7 +281,7 @@ struct PyBoundStep {
   // storage, no views, the binding's dtype/sizes, and the current inference mode. Null otherwise.
   py::object recycled_output() {
     for (int i = 0; i < 2; ++i) {
-      const int slot = newest ^ 1 ^ i;  // the older one first
+      const int slot = newest ^ i;  // the newest first (cache-warm), else the older one
       PyObject* o = recent[slot].ptr();
       if (o == nullptr || Py_REFCNT(o) != 1 || !THPVariable_CheckExact(o) || match(o, 1) == nullptr) continue;
       PyTypeObject* type = Py_TYPE(o);

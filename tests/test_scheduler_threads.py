@@ -80,18 +80,37 @@ def test_every_chunk_runs_exactly_once_and_the_workers_take_part():
     assert workers == min(64, os.cpu_count() or 1) - 1  # one per core besides the caller's
     # back-to-back jobs of every size: a stale claim on a later job would run a chunk twice or never
     for num_chunks in list(range(1, 40)) * 20:
-        runs, _ = C._parallel_selftest(num_chunks, 0, 0.0, num_chunks % 2 == 0)
+        runs, _, _ = C._parallel_selftest(num_chunks, 0, 0.0, num_chunks % 2 == 0)
         assert runs == [1] * num_chunks
     if workers == 0:
         pytest.skip("one CPU: the pool has no worker threads")
     # a long job wakes the workers; with chunks of 200 us they take some of them
     for _ in range(5):
-        runs, threads = C._parallel_selftest(64, 0, 200.0, True)
+        runs, threads, _ = C._parallel_selftest(64, 0, 200.0, True)
         assert runs == [1] * 64
         if len(set(threads)) > 1:
             break
     else:
         pytest.fail(f"no worker thread took part in 5 jobs of 64 x 200 us: {collections.Counter(threads)}")
+
+
+def test_after_waiting_for_a_slow_worker_small_jobs_run_on_the_caller():
+    """A worker that holds a chunk for long (as a preempted one does) makes the caller back off: the small
+    jobs right after run on the caller's thread alone; large jobs still use the workers."""
+    if C._pool_workers() == 0:
+        pytest.skip("one CPU: the pool has no worker threads")
+    for _ in range(5):
+        # a large job whose chunks take 5 us on the caller and 3 ms on a worker: the caller waits for it
+        runs, threads, caller = C._parallel_selftest(64, 0, 5.0, True, 3000.0)
+        assert runs == [1] * 64
+        if set(threads) != {caller}:
+            break  # a worker took a chunk, so the caller waited for it
+    else:
+        pytest.skip("no worker took part in 5 large jobs (a very busy machine)")
+    runs, threads, caller = C._parallel_selftest(32, 0, 5.0, False)
+    assert runs == [1] * 32 and set(threads) == {caller}
+    runs, threads, caller = C._parallel_selftest(64, 0, 50.0, True)  # large: shared again
+    assert runs == [1] * 64
 
 
 def test_concurrent_callers_each_get_every_chunk_once():
@@ -101,7 +120,7 @@ def test_concurrent_callers_each_get_every_chunk_once():
     def caller(seed: int) -> None:
         for i in range(200):
             n = 1 + (seed * 7 + i) % 33
-            runs, _ = C._parallel_selftest(n, 0, 2.0 if i % 10 == 0 else 0.0, True)
+            runs, _, _ = C._parallel_selftest(n, 0, 2.0 if i % 10 == 0 else 0.0, True)
             if runs != [1] * n:
                 errors.append(f"caller {seed}, job {i}: {runs}")
 
