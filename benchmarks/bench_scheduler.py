@@ -2,9 +2,9 @@
 
     python -m dreampose_rt.benchmarks.bench_scheduler [--frames 1 16] [--rounds 30] [--backend cpp]
 
-Interleaved (A B C, B C A, C A B, ...: the order rotates by one each round): each round runs one whole
-100-step PNDM (SD 1.x config) loop per variant on the same inputs and records the mean time per step;
-the table gives medians over rounds and the ratio to diffusers. Results go to benchmarks/results/bench_scheduler_<device>_<date>.json.
+Interleaved (every round runs each variant once, in a new seeded random order): each round runs one
+whole 100-step PNDM (SD 1.x config) loop per variant on the same inputs and records the mean time per
+step; the table gives medians over rounds and the ratio to diffusers. Results go to benchmarks/results/bench_scheduler_<device>_<date>.json.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -61,11 +62,14 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
         variants["ours_step_out"] = (ours_out, lambda t: ours_out.step(eps, t, x, out=buf))
     samples: dict[str, list[float]] = {k: [] for k in variants}
     order = list(variants.items())
+    shuffle = random.Random(0).shuffle
     for r in range(rounds + 1):  # round 0 warms up
-        # Each round starts one variant later, so that every variant follows every other equally often:
-        # what runs before a variant matters (torch's OpenMP threads keep spinning after diffusers' ops and
-        # take a core from our pool's worker; the previous variant's buffers fill the caches).
-        for name, (sched, fn) in order[r % len(order) :] + order[: r % len(order)]:
+        # A new order each round (seeded): what runs just before a variant matters (torch's OpenMP
+        # threads keep spinning for milliseconds after diffusers' parallel ops and take a core from our
+        # pool's worker; the previous variant's buffers fill the caches), so no variant may always follow
+        # the same one (a rotation would keep the same neighbours).
+        shuffle(order)
+        for name, (sched, fn) in order:
             sched.set_timesteps(steps)
             ts = sched.timesteps.tolist()
             dt = _loop_time(fn, ts)
@@ -87,10 +91,29 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
             **({"ours_step_out": med["diffusers_step"] / med["ours_step_out"]} if "ours_step_out" in med else {}),
         },
         "notes": "ours_step_out: step(..., out=buf) into a buffer reused across steps (no new output tensor); "
-        "the order of the variants rotates by one each round",
+        "the order of the variants is shuffled (seeded) each round",
         "rounds": rounds,
         "steps_per_round": len(ts),
     }
+
+
+def fix_glibc_malloc(mmap_threshold: int = 1 << 26, trim_threshold: int = 1 << 28) -> dict | None:
+    """Fix glibc's malloc thresholds for this process (no-op elsewhere); returns what was set.
+
+    By default glibc moves its mmap threshold as blocks are freed and returns freed memory at the top of
+    the heap to the system, so whether a step's 1.3 MB temporaries come back as fresh pages (a page fault
+    per 4 KB) depends on what ran before: diffusers' step at 16 frames measured 330 us in one run and 2.8 ms
+    in the next. Fixed thresholds (64 MB, 256 MB) make every variant reuse freed memory, run after run.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+    return {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold} if ok else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "python"])
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument(
+        "--glibc-default-malloc", action="store_true",
+        help="keep glibc's adaptive malloc thresholds (by default they are fixed for stable numbers)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    malloc = None if args.glibc_default_malloc else fix_glibc_malloc()
 
     import diffusers
 
@@ -122,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": backend,
         # 1/5/15-minute load averages around the run: the ratios move with the machine's load
         "load_average": {"before": load_before, "after": load_after},
+        "glibc_malloc_fixed": malloc,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
