@@ -107,7 +107,8 @@ class Pool {
       const auto waited_from = std::chrono::steady_clock::now();
       while (done_.load(std::memory_order_acquire) < claims) cpu_relax();
       last_end_ = std::chrono::steady_clock::now();
-      if (last_end_ - waited_from > kStall) backoff_until_ = last_end_ + kBackoff;
+      // (only a small job's wait says something: a large one may wait a chunk's length for a worker)
+      if (!large && last_end_ - waited_from > kStall) backoff_until_ = last_end_ + kBackoff;
     } else {
       last_end_ = std::chrono::steady_clock::now();
     }

@@ -32,6 +32,17 @@ namespace {
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
+// Tensor::has_names() where this torch still has named tensors (removed in recent releases).
+template <typename T>
+auto has_names_impl(const T& t, int) -> decltype(t.has_names()) {
+  return t.has_names();
+}
+template <typename T>
+bool has_names_impl(const T&, long) {
+  return false;
+}
+bool has_names(const at::Tensor& t) { return has_names_impl(t, 0); }
+
 template <typename E>
 E parse_enum(const std::string& option, const std::string& value,
              std::initializer_list<std::pair<const char*, E>> choices) {
@@ -280,12 +291,19 @@ struct PyBoundStep {
   // no attributes, no autograd metadata (requires_grad, grad, hooks), the same data pointer, unshared
   // storage, no views, the binding's dtype/sizes, and the current inference mode. Null otherwise.
   py::object recycled_output() {
+#if defined(Py_GIL_DISABLED) || PY_VERSION_HEX >= 0x030E0000
+    // Free-threaded builds (a refcount of 1 proves nothing there) and Pythons whose object layout this
+    // was not checked against: never recycle.
+    return py::object();
+#endif
     for (int i = 0; i < 2; ++i) {
       const int slot = newest ^ i;  // the newest first (cache-warm), else the older one
       PyObject* o = recent[slot].ptr();
       if (o == nullptr || Py_REFCNT(o) != 1 || !THPVariable_CheckExact(o) || match(o, 1) == nullptr) continue;
+      // Weak references: the list head lives at tp_weaklistoffset, which is negative for the managed
+      // weakref slot of Python >= 3.12 (as CPython's own _PyObject_GET_WEAKREFS_LISTPTR computes it).
       PyTypeObject* type = Py_TYPE(o);
-      if (type->tp_weaklistoffset > 0 &&
+      if (type->tp_weaklistoffset == 0 ||
           *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(o) + type->tp_weaklistoffset) != nullptr)
         continue;
       PyObject* dict = PyObject_GenericGetDict(o, nullptr);  // new reference (an empty dict if none yet)
@@ -299,7 +317,7 @@ struct PyBoundStep {
       const at::Tensor& t = THPVariable_Unpack(o);
       if (t.use_count() != 1 || !t.storage() || t.storage().use_count() != 1 || t.data_ptr() != recent_ptr[slot] ||
           t.unsafeGetTensorImpl()->autograd_meta() != nullptr || t.storage_offset() != 0 ||
-          t.is_inference() != c10::InferenceMode::is_enabled() || t.is_conj())
+          t.is_inference() != c10::InferenceMode::is_enabled() || t.is_conj() || has_names(t))
         continue;
       return recent[slot];
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import threading
 from types import ModuleType
 
@@ -17,6 +18,12 @@ _lock = threading.Lock()
 _tried = False
 _module: ModuleType | None = None
 _error: str | None = None
+
+
+def torch_release(version: str) -> str:
+    """"MAJOR.MINOR.PATCH" of a torch version string: "2.6.0a0+git1234" -> "2.6.0" (as torch/version.h has it)."""
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", str(version))
+    return ".".join(m.groups()) if m else str(version)
 
 
 def load_extension() -> ModuleType | None:
@@ -34,8 +41,8 @@ def load_extension() -> ModuleType | None:
 
                     mod = importlib.import_module("dreampose_rt._C")
                     built = getattr(mod, "torch_version", None)
-                    running = torch.__version__.split("+")[0]
-                    if built is not None and built != running:
+                    running = torch_release(torch.__version__)
+                    if built is not None and torch_release(built) != running:
                         _error = (f"dreampose_rt._C was built against torch {built}, this is torch {running}: "
                                   "rebuild it with `pip install --no-build-isolation -e .`")
                     else:

@@ -655,3 +655,34 @@ def test_outputs_that_are_kept_are_never_overwritten():
     assert len({id(k) for k in kept}) == len(kept)
     for k, r in zip(kept, ref):
         assert rel(k, r) <= 1e-6
+
+
+def test_state_buffers_follow_the_table_after_every_step():
+    """The C++ paths (fast and general) leave the history, saved sample and accumulator as the Python
+    twin does after every step of PNDM with its Runge-Kutta warm-up (the row that reads A updates it too)."""
+    if not HAVE_CPP:
+        pytest.skip("compares the C++ state with Python's; the extension did not load")
+    opts = dict(SD_PNDM, skip_prk_steps=False)
+    n = 6
+    x, outs = random_run(n, shape=(2, 4, 6, 5), seed=13)
+    a, b = create_scheduler("pndm", opts, backend="cpp"), create_scheduler("pndm", opts, backend="python")
+    a.set_timesteps(n)
+    b.set_timesteps(n)
+    ya = yb = x
+    for i, t in enumerate(a.timesteps.tolist()):
+        ya = a.step(outs[i], t, ya).prev_sample
+        yb = b.step(outs[i], t, yb).prev_sample
+        for name in ("history", "saved_sample", "accumulator"):
+            sa, sb = getattr(a._state, name), getattr(b._state, name)
+            if name == "history":  # only the slots written so far hold data
+                written = {int(r[13]) for r in b.coefficient_table()[: i + 1].tolist() if r[13] >= 0}
+                sa, sb = sa[sorted(written)], sb[sorted(written)]
+            assert torch.allclose(sa, sb, rtol=1e-6, atol=1e-6), (i, name)
+
+
+def test_torch_release_of_version_strings():
+    from dreampose_rt._ext import torch_release
+
+    assert torch_release("2.6.0a0+git1234abc") == "2.6.0"
+    assert torch_release("2.7.0.dev20250101+cpu") == "2.7.0"
+    assert torch_release("2.13.0+cu126") == torch_release("2.13.0") == "2.13.0"

@@ -100,13 +100,14 @@ def test_after_waiting_for_a_slow_worker_small_jobs_run_on_the_caller():
     if C._pool_workers() == 0:
         pytest.skip("one CPU: the pool has no worker threads")
     for _ in range(5):
-        # a large job whose chunks take 5 us on the caller and 3 ms on a worker: the caller waits for it
-        runs, threads, caller = C._parallel_selftest(64, 0, 5.0, True, 3000.0)
+        C._parallel_selftest(64, 0, 50.0, True)  # a large job: wakes the workers, which then spin a while
+        # a small job whose chunks take 5 us on the caller and 3 ms on a worker: the caller waits for it
+        runs, threads, caller = C._parallel_selftest(64, 0, 5.0, False, 3000.0)
         assert runs == [1] * 64
         if set(threads) != {caller}:
             break  # a worker took a chunk, so the caller waited for it
     else:
-        pytest.skip("no worker took part in 5 large jobs (a very busy machine)")
+        pytest.skip("no worker took part in 5 small jobs right after large ones (a very busy machine)")
     runs, threads, caller = C._parallel_selftest(32, 0, 5.0, False)
     assert runs == [1] * 32 and set(threads) == {caller}
     runs, threads, caller = C._parallel_selftest(64, 0, 50.0, True)  # large: shared again

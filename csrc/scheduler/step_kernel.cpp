@@ -362,7 +362,9 @@ FastFn pick_fast_fn(int mask, std::integer_sequence<int, I...>) {
 // updates the accumulator, or has a non-finite coefficient). *pz: the signed zero to add.
 FastFn fast_fn_for(const StepRow& r, const StepBuffers& buf, bool guided, float* pz) {
   if (r.save_sample) return nullptr;
-  if (buf.accumulator != nullptr && (r.akeep != 0.f || r.am != 0.f)) return nullptr;
+  // any row that touches the accumulator updates it (as run_range and table_step_ref do), so the
+  // state follows the table's contract bit for bit whichever path runs
+  if (buf.accumulator != nullptr && (r.akeep != 0.f || r.am != 0.f || r.oa != 0.f)) return nullptr;
   if (r.write_slot >= 0 && buf.history[r.write_slot] == nullptr) return nullptr;
   const float coefs[5] = {r.os, r.oh[0], r.oh[1], r.oh[2], r.oa};
   const float* bufs[5] = {buf.saved_sample, buf.history[0], buf.history[1], buf.history[2], buf.accumulator};
