@@ -215,22 +215,32 @@ BlockFn pick_block_fn(int mask, std::integer_sequence<int, I...>) {
   return table[mask];
 }
 
-// The block function for a row given which buffers exist: bit j of the mask keeps term j (s, h0, h1,
-// h2, a); a term is kept when its coefficient is nonzero and its buffer exists.
-BlockFn block_fn_for(const StepRow& r, const StepBuffers& buf) {
+// Which optional terms of a row to keep: bit j of *mask keeps term j (s, h0, h1, h2, a), the terms
+// with a nonzero coefficient and an existing buffer. A dropped term is what the generic form adds as
+// coef * 0: a signed zero (*plus_zero: one of them is +0), or NaN for a non-finite coefficient, and
+// then false: only the generic form gives the same result.
+bool kept_terms(const StepRow& r, const StepBuffers& buf, int* mask, bool* plus_zero) {
   const float coefs[5] = {r.os, r.oh[0], r.oh[1], r.oh[2], r.oa};
   const float* bufs[5] = {buf.saved_sample, buf.history[0], buf.history[1], buf.history[2], buf.accumulator};
-  int mask = 0;
-  bool plus_zero = false;
+  *mask = 0;
+  *plus_zero = false;
   for (int j = 0; j < 5; ++j) {
     if (coefs[j] != 0.f && bufs[j] != nullptr) {
-      mask |= 1 << j;
+      *mask |= 1 << j;
     } else {
-      const float dropped = coefs[j] * 0.f;  // what the generic form adds for this term
-      if (dropped != 0.f) return nullptr;    // not a zero (non-finite coefficient): use the generic form
-      if (!std::signbit(dropped)) plus_zero = true;
+      const float dropped = coefs[j] * 0.f;
+      if (dropped != 0.f) return false;
+      if (!std::signbit(dropped)) *plus_zero = true;
     }
   }
+  return true;
+}
+
+// The block function for a row given which buffers exist (nullptr: use the generic form).
+BlockFn block_fn_for(const StepRow& r, const StepBuffers& buf) {
+  int mask;
+  bool plus_zero;
+  if (!kept_terms(r, buf, &mask, &plus_zero)) return nullptr;
   if (plus_zero) mask |= 32;
   return pick_block_fn(mask, std::make_integer_sequence<int, 64>{});
 }
@@ -366,19 +376,9 @@ FastFn fast_fn_for(const StepRow& r, const StepBuffers& buf, bool guided, float*
   // state follows the table's contract bit for bit whichever path runs
   if (buf.accumulator != nullptr && (r.akeep != 0.f || r.am != 0.f || r.oa != 0.f)) return nullptr;
   if (r.write_slot >= 0 && buf.history[r.write_slot] == nullptr) return nullptr;
-  const float coefs[5] = {r.os, r.oh[0], r.oh[1], r.oh[2], r.oa};
-  const float* bufs[5] = {buf.saved_sample, buf.history[0], buf.history[1], buf.history[2], buf.accumulator};
-  int mask = 0;
-  bool plus_zero = false;
-  for (int j = 0; j < 5; ++j) {
-    if (coefs[j] != 0.f && bufs[j] != nullptr) {
-      mask |= 1 << j;
-    } else {
-      const float dropped = coefs[j] * 0.f;
-      if (dropped != 0.f) return nullptr;
-      if (!std::signbit(dropped)) plus_zero = true;
-    }
-  }
+  int mask;
+  bool plus_zero;
+  if (!kept_terms(r, buf, &mask, &plus_zero)) return nullptr;
   if (guided) mask |= 32;
   if (r.write_slot >= 0) mask |= 64;
   *pz = plus_zero ? 0.f : -0.f;
