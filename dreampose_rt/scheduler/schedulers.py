@@ -396,8 +396,9 @@ class DiffusionScheduler:
             k = self._check_timestep(timestep)  # raises unless it is the run's next timestep
         bound = self._bound
         if bound is not None:
-            # Fast path: the run's first step was checked in full and bound in C++; the bound step checks the
-            # tensors against that (dtype, CPU, sizes, contiguity) in C++ and returns None if one differs.
+            # Fast path: a step of this run (or of an earlier run on the same shape) was checked in full and
+            # bound in C++; the bound step checks the tensors against that binding (dtype, CPU, sizes,
+            # contiguity) in C++ and returns None if one differs, and then the checked path below runs.
             prev = bound.step_tensors(k, out, sample, model_output)
             if prev is not None:
                 self._step_index = k + 1
