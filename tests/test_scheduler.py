@@ -27,7 +27,7 @@ from dreampose_rt.scheduler import (
     table_step_ref,
 )
 from dreampose_rt.scheduler import _reference, schedulers as sched_mod
-from dreampose_rt.scheduler.table import TableInfo
+from dreampose_rt.scheduler.table import WRITE_SLOT, TableInfo
 
 HAVE_CPP = native_core() is not None
 BACKENDS = ["cpp", "python"]
@@ -635,21 +635,27 @@ def test_step_recycles_an_output_only_when_nothing_can_see_it():
         del held, z1, z2
 
 
-def test_outputs_that_are_kept_are_never_overwritten():
-    """The diffusers loop keeping every step's output: each kept tensor still holds its step's values."""
-    if not HAVE_CPP:
-        pytest.skip("recycling is the C++ binding's; the extension did not load")
-    n = 12
-    x, outs = random_run(n, shape=(1, 4, 8, 8), seed=12)
-    kept, ref = [], []
-    a = create_scheduler("pndm", SD_PNDM, backend="cpp")
-    b = create_scheduler("pndm", SD_PNDM, backend="python")
+def lockstep(opts: dict, n: int, shape: tuple, seed: int):
+    """PNDM runs of the C++ and the Python backend side by side on the same random inputs, with diffusers'
+    loop (``x = step(eps, t, x).prev_sample``); yields (step, cpp scheduler, its sample, python scheduler,
+    its sample) after each step."""
+    x, outs = random_run(n, shape=shape, seed=seed)
+    a, b = create_scheduler("pndm", opts, backend="cpp"), create_scheduler("pndm", opts, backend="python")
     a.set_timesteps(n)
     b.set_timesteps(n)
     ya = yb = x
     for i, t in enumerate(a.timesteps.tolist()):
         ya = a.step(outs[i], t, ya).prev_sample
         yb = b.step(outs[i], t, yb).prev_sample
+        yield i, a, ya, b, yb
+
+
+def test_outputs_that_are_kept_are_never_overwritten():
+    """The diffusers loop keeping every step's output: each kept tensor still holds its step's values."""
+    if not HAVE_CPP:
+        pytest.skip("recycling is the C++ binding's; the extension did not load")
+    kept, ref = [], []
+    for _, _, ya, _, yb in lockstep(SD_PNDM, 12, shape=(1, 4, 8, 8), seed=12):
         kept.append(ya)
         ref.append(yb.clone())
     assert len({id(k) for k in kept}) == len(kept)
@@ -663,19 +669,12 @@ def test_state_buffers_follow_the_table_after_every_step():
     if not HAVE_CPP:
         pytest.skip("compares the C++ state with Python's; the extension did not load")
     opts = dict(SD_PNDM, skip_prk_steps=False)
-    n = 6
-    x, outs = random_run(n, shape=(2, 4, 6, 5), seed=13)
-    a, b = create_scheduler("pndm", opts, backend="cpp"), create_scheduler("pndm", opts, backend="python")
-    a.set_timesteps(n)
-    b.set_timesteps(n)
-    ya = yb = x
-    for i, t in enumerate(a.timesteps.tolist()):
-        ya = a.step(outs[i], t, ya).prev_sample
-        yb = b.step(outs[i], t, yb).prev_sample
+    for i, a, _, b, _ in lockstep(opts, 6, shape=(2, 4, 6, 5), seed=13):
         for name in ("history", "saved_sample", "accumulator"):
             sa, sb = getattr(a._state, name), getattr(b._state, name)
             if name == "history":  # only the slots written so far hold data
-                written = {int(r[13]) for r in b.coefficient_table()[: i + 1].tolist() if r[13] >= 0}
+                slots = b.coefficient_table()[: i + 1, WRITE_SLOT].tolist()
+                written = {int(w) for w in slots if w >= 0}
                 sa, sb = sa[sorted(written)], sb[sorted(written)]
             assert torch.allclose(sa, sb, rtol=1e-6, atol=1e-6), (i, name)
 
