@@ -29,7 +29,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(
         device=args.device, model=args.model, frames=args.frames, frames_per_batch=args.frames_per_batch,
-        steps=args.steps, scheduler=args.scheduler, baseline_steps=args.baseline_steps, backends=args.backends,
+        steps=args.steps, scheduler=args.scheduler, baseline_steps=args.baseline_steps,
+        baseline_frames=args.baseline_frames, backends=args.backends,
         precision=args.precision, repeats=args.repeats, warmup=args.warmup,
         breakdown_rounds=args.breakdown_rounds, seed=args.seed, engines=args.engines,
         build_engines=args.build_engines, cache_dir=args.cache_dir, compile_mode=args.compile_mode,
@@ -59,6 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="scheduler of the runtime backends (the baseline always runs diffusers' PNDM)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="PNDM steps of the baseline (default: --steps; the original release: 100)")
+    p.add_argument("--baseline-frames", type=int, default=None,
+                   help="frames of the baseline's batched render (default: --frames). It renders one frame at a "
+                   "time, so its s/frame does not depend on this; fewer saves minutes on a GPU")
     p.add_argument("--backends", type=_backends, default=list(VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)}, or all (default: all)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],

@@ -42,7 +42,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"on {dev['name']}",
         "",
         f"{result['date']}; {s['frames']} frames, {s['steps']} {s['scheduler']} steps (baseline: "
-        f"{s['baseline_steps'] or s['steps']} PNDM steps), {s['repeats']} interleaved rounds after {s['warmup']} "
+        f"{s['baseline_steps'] or s['steps']} PNDM steps"
+        + (f", {s['baseline_frames']} frames batched" if s.get("baseline_frames") else "") + f"), {s['repeats']} interleaved rounds after {s['warmup']} "
         f"warm-up; timing: {result['timing']}; torch {v['torch']}"
         + (f", CUDA {v['cuda']}" if v.get("cuda") else "") + f", diffusers {v['diffusers']}"
         + (f", commit {v['git_commit'][:10]}" if v.get("git_commit") else ""),

@@ -68,7 +68,9 @@ SCHEMA_VERSION = 1
 @dataclass
 class BenchSettings:
     """What to run. ``frames_per_batch=None``: all ``frames`` in one UNet call (capped by engines' limits);
-    ``baseline_steps=None``: the same as ``steps``; ``precision=None``: fp16 on CUDA, fp32 on the CPU
+    ``baseline_steps=None``: the same as ``steps``; ``baseline_frames=None``: the baseline's batched mode renders
+all ``frames`` (it renders one frame at a time with everything recomputed, so its seconds per frame do not
+depend on how many: a smaller number saves minutes on a GPU at the same result); ``precision=None``: fp16 on CUDA, fp32 on the CPU
     (the runtime backends; the baseline is always fp32; engines run at their own precision)."""
 
     device: str = "auto"
@@ -78,6 +80,7 @@ class BenchSettings:
     steps: int = 100
     scheduler: str = "pndm"
     baseline_steps: int | None = None
+    baseline_frames: int | None = None
     backends: Sequence[str] = VARIANTS
     precision: str | None = None
     repeats: int = 3
@@ -102,6 +105,8 @@ class BenchSettings:
             raise DreamPoseError(f"warmup must be >= 0, got {self.warmup}")
         if self.frames_per_batch is not None and not 1 <= self.frames_per_batch <= self.frames:
             raise DreamPoseError(f"frames_per_batch must be in 1..frames ({self.frames}), got {self.frames_per_batch}")
+        if self.baseline_frames is not None and not 1 <= self.baseline_frames <= self.frames:
+            raise DreamPoseError(f"baseline_frames must be in 1..frames ({self.frames}), got {self.baseline_frames}")
         if self.baseline_steps is not None and self.baseline_steps < 1:
             raise DreamPoseError(f"baseline_steps must be >= 1, got {self.baseline_steps}")
         if self.scheduler not in SCHEDULERS:
@@ -395,6 +400,12 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         peak, peak_source = (s.peak_tflops, "--peak-tflops") if s.peak_tflops else (None, "no MFU on the CPU")
     meter = MemoryMeter(device)
     modes = {"one_frame": [0], "batched": list(range(s.frames))}
+
+    def frames_of(v: Variant, mode: str) -> list[int]:
+        if mode == "batched" and v.name == BASELINE and s.baseline_frames is not None:
+            return modes[mode][: s.baseline_frames]
+        return modes[mode]
+
     raw: dict[tuple[str, str], list[dict[str, Any]]] = {(v.name, m): [] for v in variants for m in modes}
     phased: dict[tuple[str, str], list[dict[str, Any]]] = {(v.name, m): [] for v in variants for m in modes}
     # Timed rounds run without phase timers (on CUDA the runtime replays CUDA graphs only then); the
@@ -406,7 +417,8 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
                 if instrumented else f"round {r - s.warmup + 1}/{s.repeats}")  # fmt: skip
         for v in variants:
             v.attach(v.timer if instrumented else None)
-            for mode, frames in modes.items():
+            for mode in modes:
+                frames = frames_of(v, mode)
                 fpb = 1 if mode == "one_frame" else v.frames_per_batch
                 v.timer.reset()
                 meter.start()
@@ -427,9 +439,10 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     for v in variants:
         entry: dict[str, Any] = {"description": v.description, "precision": v.precision,
                                  "weights_bytes": v.weights_bytes, **v.info}
-        for mode, frames in modes.items():
+        for mode in modes:
             fpb = 1 if mode == "one_frame" else v.frames_per_batch
-            entry[mode] = _summarise(raw[(v.name, mode)], phased[(v.name, mode)], len(frames), fpb, flops, peak)
+            entry[mode] = _summarise(raw[(v.name, mode)], phased[(v.name, mode)], len(frames_of(v, mode)), fpb,
+                                     flops, peak)
         results[v.name] = entry
     if BASELINE in results:
         for v in variants:

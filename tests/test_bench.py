@@ -28,7 +28,8 @@ def bench_run(tmp_path_factory):
     from dreampose_rt.cli import main
 
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--device", "cpu", "--model", "tiny", "--frames", "1", "--steps", "2", "--repeats", "2",
+    argv = ["bench", "--device", "cpu", "--model", "tiny", "--frames", "2", "--baseline-frames", "1", "--steps", "2",
+            "--repeats", "2",
             "--warmup", "0", "--backends", "baseline,torch,tensorrt", "--micro-rounds", "1", "--out-dir", str(out),
             "--quiet"]  # fmt: skip
     assert main(argv) == 0
@@ -58,8 +59,11 @@ def test_bench_json_fields_and_positive_numbers(bench_run):
                 "memory_kind", "timing"):  # fmt: skip
         assert key in rec, key
     assert rec["device"]["type"] == "cpu" and rec["device"]["name"]
+    # --baseline-frames 1: the baseline renders one frame in its batched mode, the runtime both
+    assert rec["variants"]["baseline"]["batched"]["frames"] == 1
+    assert rec["variants"]["torch"]["batched"]["frames"] == 2
     assert rec["versions"]["torch"] == torch.__version__
-    assert rec["settings"]["steps"] == 2 and rec["settings"]["frames"] == 1
+    assert rec["settings"]["steps"] == 2 and rec["settings"]["frames"] == 2
     assert rec["memory_kind"] in ("process_rss_peak", "process_rss_lifetime_peak")
     assert set(rec["variants"]) == {"baseline", "torch"}
     assert "tensorrt" in rec["unavailable"] and rec["unavailable"]["tensorrt"]
@@ -118,3 +122,28 @@ def test_peak_table_and_settings_checks():
         BenchSettings(backends=["torch", "tensorflow"]).validate()
     with pytest.raises(DreamPoseError, match="frames_per_batch"):
         BenchSettings(frames=2, frames_per_batch=3).validate()
+    with pytest.raises(DreamPoseError, match="baseline_frames must be in 1..frames"):
+        BenchSettings(frames=2, baseline_frames=3).validate()
+
+
+def test_bench_unet_times_each_variant_and_rejects_a_wrong_one(tiny_model, monkeypatch, tmp_path):
+    """bench_unet on the CPU (tiny model): every variant checked against the fp32 call before it is timed."""
+    from dreampose_rt.benchmarks import bench_unet
+
+    rec = bench_unet.bench(tiny_model, ["fp32", "fp32-cl", "bf16-cl"], [3, 6], torch.device("cpu"), rounds=1,
+                           replays=1)  # fmt: skip
+    assert set(rec["results"]) == {f"{v}@{b}" for v in ("fp32", "fp32-cl", "bf16-cl") for b in (3, 6)}
+    for key, r in rec["results"].items():
+        assert r["ms_per_call"] > 0 and r["tflops"] > 0 and r["batch"] in (3, 6), key
+    assert rec["results"]["fp32@3"]["rel_err_vs_fp32"] == 0.0
+    assert 0 < rec["results"]["fp32-cl@3"]["rel_err_vs_fp32"] < 1e-5
+    assert 1e-4 < rec["results"]["bf16-cl@3"]["rel_err_vs_fp32"] < 8e-2
+    assert rec["flops_per_sample"] > 0 and not rec["rejected"]
+
+    # a variant whose output is off is listed with its error, not timed
+    monkeypatch.setitem(bench_unet.REL_TOL, torch.bfloat16, 1e-6)
+    rec = bench_unet.bench(tiny_model, ["fp32", "bf16"], [3], torch.device("cpu"), rounds=1, replays=1)
+    assert list(rec["results"]) == ["fp32@3"]
+    assert "bf16@3" in rec["rejected"] and "tolerance" in rec["rejected"]["bf16@3"]
+    with pytest.raises(ValueError, match="unknown variant 'fp8'"):
+        bench_unet.VariantSpec.parse("fp8")
