@@ -95,7 +95,8 @@ def _call(unet: torch.nn.Module, spec: VariantSpec, inp: dict[str, torch.Tensor]
 
 
 def _graphed(fn: Callable[[], torch.Tensor], spec: VariantSpec) -> tuple[Callable[[], None], torch.Tensor]:
-    """Warm up on a side stream (algorithm choice, compilation), capture one call, return (replay, output)."""
+    """Warm up on a side stream (algorithm choice, compilation), capture one call, return (replay, output).
+    ``output`` is the graph's own output buffer: it is written by each replay, not by the capture."""
     saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = spec.cudnn_benchmark
     try:
@@ -182,6 +183,8 @@ def bench(model, variants: list[str], batches: list[int], device: torch.device, 
             t0 = time.perf_counter()
             if cuda:
                 replay, out = _graphed(fn, spec)
+                replay()  # a captured graph's output holds nothing until the graph first runs
+                torch.cuda.synchronize(device)
                 timed[key] = replay
             else:
                 out = fn()

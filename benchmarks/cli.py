@@ -34,6 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         precision=args.precision, repeats=args.repeats, warmup=args.warmup,
         breakdown_rounds=args.breakdown_rounds, seed=args.seed, engines=args.engines,
         build_engines=args.build_engines, cache_dir=args.cache_dir, compile_mode=args.compile_mode,
+        channels_last=args.channels_last,
         peak_tflops=args.peak_tflops, micro=not args.no_micro, micro_rounds=args.micro_rounds,
     )  # fmt: skip
     result = run_suite(settings)
@@ -77,6 +78,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="build (or reuse) onnxruntime engines for the model in --cache-dir when --engines is not given")
     p.add_argument("--cache-dir", default=None, help="where built engines are kept (default: a folder in the temp dir)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled backend")
+    p.add_argument("--channels-last", action="store_true",
+                   help="torch / compiled backends: the UNet in channels_last (NHWC) memory format")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense fp16/bf16 peak for MFU (default: from a table by GPU name)")
     p.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")

@@ -3,7 +3,10 @@
 # fits the device time, most important first, each step bounded so that the whole ends by its deadline.
 # Nothing here runs in CI.
 #
-#   bash benchmarks/gpu_session.sh [SECONDS]    (default 450: the script's own deadline)
+#   bash benchmarks/gpu_session.sh [SECONDS [STEP ...]]
+#
+# SECONDS: the script's own deadline (default 450); STEPs: which of tests, bench_unet, suite, suite_cl,
+# fused_step, compile to run, in that order (default: all but suite_cl).
 #
 # The GPU image has torch, triton, onnx, onnxruntime (CPU), transformers, accelerate, safetensors and
 # pybind11, but no diffusers or onnx-graphsurgeon. Prepare them as wheels first (here):
@@ -25,6 +28,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
 DEADLINE=${1:-450}
+shift || true
+WANT=" ${*:-tests bench_unet suite fused_step compile} "
 R=${OUT:+$OUT/r}
 R=${R:-benchmarks/results/gpu_session}
 mkdir -p "$R"
@@ -34,6 +39,7 @@ unset TRITON_INTERPRET
 left() { echo $((DEADLINE - (SECONDS - START))); }
 step() {  # step NAME MAX_SECONDS CMD...: run CMD with a timeout of min(MAX, time left), log to $R/NAME.log
   local name=$1 max=$2; shift 2
+  case "$WANT" in *" $name "*) ;; *) return ;; esac
   local t; t=$(left); [ "$t" -gt "$max" ] && t=$max
   if [ "$(left)" -lt 10 ]; then echo "== $name: skipped, $(left) s left" | tee -a "$R/steps.txt"; return; fi
   echo "== $name (up to $t s, $(left) s left)"
@@ -57,13 +63,15 @@ BUILD=$!
 
 { nvidia-smi; nvidia-smi -q -d CLOCK,POWER,PERFORMANCE; python3 -m pip list 2>/dev/null | grep -iE "^(torch|triton|diffusers|transformers|numpy|onnx|onnxruntime) "; nproc; } > "$R/device.txt" 2>&1
 
-step tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu --timeout=60 tests/ -o addopts="-ra"
-step bench_unet 110 python3 -m dreampose_rt.benchmarks.bench_unet --model sd15 --batches 3 24 \
-  --variants fp16,fp16-cl,fp16-cl-cudnnbench,bf16-cl --rounds 6 --results "$R"
+step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu --timeout=60 tests/ -o addopts="-ra"
+step bench_unet 100 python3 -m dreampose_rt.benchmarks.bench_unet --model sd15 --batches 3 24 \
+  --variants fp16,fp16-cl,fp16-cl-cudnnbench,bf16-cl --rounds 5 --results "$R"
 wait $BUILD
 python3 -m dreampose_rt.info > "$R/info.txt" 2>&1
 step suite 170 python3 -m dreampose_rt.cli bench --device cuda --model sd15 --frames 8 --baseline-frames 1 \
   --steps 100 --backends baseline,torch --repeats 2 --warmup 1 --micro-rounds 3 --out-dir "$R"
+step suite_cl 150 python3 -m dreampose_rt.cli bench --device cuda --model sd15 --frames 8 --steps 100 \
+  --backends torch --channels-last --repeats 2 --warmup 1 --micro-rounds 2 --out-dir "$R"
 step fused_step 40 python3 -m dreampose_rt.benchmarks.bench_fused_step --frames 1 4 16 --dtype fp16 --rounds 20 \
   --results "$R"
 step compile 150 python3 -m dreampose_rt.benchmarks.bench_unet --model sd15 --batches 3 24 --variants fp16-cl \
@@ -74,4 +82,4 @@ echo "== summary ($((SECONDS - START)) s)"
 cat "$R/steps.txt"
 grep -hE "passed|failed|error" "$R/tests.log" | tail -3
 grep -h "^fp\|^bf\|^compiled\|^variant" "$R"/bench_unet.log "$R"/compile.log 2>/dev/null
-grep -h "^|" "$R/suite.log" | head -12
+grep -h "^|" "$R"/suite*.log | head -24

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ def output_stem(result: dict[str, Any]) -> str:
     """``bench_<device>_<model>_<date>``: e.g. bench_nvidia-h100-80gb-hbm3_sd15_2026-11-27."""
     dev = result["device"]
     device = "cpu" if dev["type"] == "cpu" else slug(dev["name"])
-    return f"bench_{device}_{slug(result['model']['name'])}_{result['date'][:10]}"
+    layout = "_channels-last" if result["settings"].get("channels_last") else ""
+    return f"bench_{device}_{slug(result['model']['name'])}{layout}_{result['date'][:10]}"
 
 
 def _g(x: float) -> str:
@@ -176,9 +178,13 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(result)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(markdown(result), encoding="utf-8")
-    bar_chart(result, paths["png"])
+    # each file under a temporary name first, then renamed: a killed run leaves no half-written record
+    for key, write in (("json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")),
+                       ("markdown", lambda p: p.write_text(markdown(result), encoding="utf-8")),
+                       ("png", lambda p: bar_chart(result, p))):
+        tmp = paths[key].with_name(paths[key].stem + ".tmp" + paths[key].suffix)
+        write(tmp)
+        os.replace(tmp, paths[key])
     for kind, p in paths.items():
         logger.info("bench: wrote %s", p)
     return paths

@@ -91,6 +91,7 @@ depend on how many: a smaller number saves minutes on a GPU at the same result);
     build_engines: bool = False
     cache_dir: str | None = None
     compile_mode: str | None = None
+    channels_last: bool = False
     peak_tflops: float | None = None
     micro: bool = True
     micro_rounds: int = 10
@@ -259,6 +260,8 @@ def _runtime_variant(
     options: dict[str, Any] = {"engines": engines}
     if name == "compiled" and s.compile_mode:
         options["compile_mode"] = s.compile_mode
+    if name in ("torch", "compiled") and s.channels_last:
+        options["channels_last"] = True
     try:
         backend = BACKENDS[name](model, device, dtype, **options)
     except DreamPoseError as e:

@@ -79,11 +79,31 @@ class Backend(abc.ABC):
 
 
 class TorchBackend(Backend):
-    """Eager PyTorch: the model's own modules (the reference)."""
+    """Eager PyTorch: the model's own modules (the reference).
+
+    Option ``channels_last`` (default False): keep the UNet's weights and run its input in channels_last
+    (NHWC) memory format, the layout cuDNN's tensor-core convolutions work in (no transposes around each
+    convolution). Same function; bench_unet and ``dreampose-rt bench --channels-last`` measure whether it
+    pays on a given GPU.
+    """
 
     name = "torch"
     #: its calls can be captured in a CUDA graph (no host synchronisation, no CPU-side state)
     graph_capturable = True
+
+    def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
+        super().__init__(model, device, dtype, **options)
+        self.channels_last = bool(options.get("channels_last", False))
+        if self.channels_last:
+            model.unet.to(memory_format=torch.channels_last)
+
+    def _unet_input(self, latents: torch.Tensor, pose_window: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) + (B, 2n, h, w) -> the UNet's input (B, 4 + 2n, h, w) in the backend's dtype and layout."""
+        x = torch.cat([latents.to(self.dtype), pose_window.to(self.dtype)], dim=1)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def describe(self) -> str:
+        return super().describe() + (", channels_last" if self.channels_last else "")
 
     @torch.no_grad()
     def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +112,10 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
              ehs: torch.Tensor) -> torch.Tensor:
-        return self.model.denoise(latents.to(self.dtype), pose_window.to(self.dtype), timestep, ehs.to(self.dtype))
+        if not self.channels_last:
+            return self.model.denoise(latents.to(self.dtype), pose_window.to(self.dtype), timestep, ehs.to(self.dtype))
+        x = self._unet_input(latents, pose_window)
+        return self.model.unet(x, timestep, encoder_hidden_states=ehs.to(self.dtype), return_dict=False)[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -109,7 +132,7 @@ class CompiledBackend(TorchBackend):
     name = "compiled"
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
-        super().__init__(model, device, dtype)
+        super().__init__(model, device, dtype, **options)
         mode = options.get("compile_mode") or ("max-autotune-no-cudagraphs" if device.type == "cuda" else None)
         self._unet = torch.compile(model.unet, mode=mode, dynamic=False, fullgraph=False)
         self._decoder = torch.compile(model.vae.decoder, mode=mode, dynamic=False)
@@ -135,7 +158,7 @@ class CompiledBackend(TorchBackend):
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
              ehs: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([latents.to(self.dtype), pose_window.to(self.dtype)], dim=1)
+        x = self._unet_input(latents, pose_window)
         t = timestep.to(self.device).reshape(()).expand(x.shape[0]).contiguous()
         return self._unet(x, t, encoder_hidden_states=ehs.to(self.dtype), return_dict=False)[0].clone()
 

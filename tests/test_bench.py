@@ -147,3 +147,14 @@ def test_bench_unet_times_each_variant_and_rejects_a_wrong_one(tiny_model, monke
     assert "bf16@3" in rec["rejected"] and "tolerance" in rec["rejected"]["bf16@3"]
     with pytest.raises(ValueError, match="unknown variant 'fp8'"):
         bench_unet.VariantSpec.parse("fp8")
+
+
+@pytest.mark.gpu
+def test_bench_unet_on_cuda_compares_what_the_graph_computes(tiny_model):
+    """On CUDA each variant is a captured graph: its output must be what a replay writes, and match fp32."""
+    from dreampose_rt.benchmarks import bench_unet
+
+    rec = bench_unet.bench(tiny_model, ["fp32", "fp16-cl", "bf16"], [3], torch.device("cuda"), rounds=1, replays=1)
+    assert not rec["rejected"], rec["rejected"]
+    assert set(rec["results"]) == {"fp32@3", "fp32-eager@3", "fp16-cl@3", "bf16@3"}
+    assert 1e-5 < rec["results"]["fp16-cl@3"]["rel_err_vs_fp32"] < 2e-2

@@ -49,6 +49,15 @@ def test_torch_backend_matches_the_reference(torch_rt, reference, subject_image,
     _close(out, reference[scheduler])
 
 
+def test_channels_last_torch_backend_matches_the_reference(tiny_model_dir, reference, subject_image, pose_seq):
+    rt = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cpu", channels_last=True)
+    assert "channels_last" in rt.backend.describe()
+    conv = rt.model.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame")
+    _close(out, reference["pndm"])
+
+
 @pytest.fixture(scope="module")
 def ort_engines(tiny_model_dir, tmp_path_factory):
     from dreampose_rt.export.build import build_engines

@@ -84,6 +84,14 @@ def test_eager_triton_loop_matches_the_graph_loop(tiny_model_dir, cuda_rt, refer
     assert top <= 1, f"graph replay and eager steps differ by {top} levels"
 
 
+def test_channels_last_on_cuda_matches_the_reference(tiny_model_dir, reference, subject_image, pose_seq):
+    """channels_last UNet (cuDNN NHWC convolutions) inside the captured graph loop."""
+    rt = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cuda", precision="fp32", channels_last=True)
+    assert rt._use_cuda_graph()
+    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame")
+    _close(out, reference["pndm"])
+
+
 def test_scheduler_data_plane_on_cuda_matches_the_reference(tiny_model_dir, reference, subject_image, pose_seq):
     """data_plane='scheduler': the scheduler's table-driven PyTorch step on device tensors."""
     rt = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cuda", precision="fp32",
