@@ -112,8 +112,10 @@ def test_half_precision_render_stays_near_fp32(tiny_model_dir, reference, subjec
     assert mean <= limit, f"{precision}: mean {mean:.3f} levels from fp32 (max {top})"
 
 
-def test_peak_memory_of_a_graph_render_is_released(cuda_rt, subject_image, pose_seq):
-    """A render's graphs and their memory pools go away with it: repeated renders do not grow memory."""
+def test_repeated_graph_renders_do_not_grow_memory(cuda_rt, subject_image, pose_seq):
+    """A render's graphs and their memory pools go away with it, and nothing per render stays behind.
+    (Seen on an H100: +35 MB per render while each render warmed up on a new stream, for which PyTorch
+    keeps a cuBLAS workspace.)"""
     cuda_rt.render(pose_seq[:2], image=subject_image, steps=STEPS, scheduler="pndm")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
