@@ -126,7 +126,7 @@ class Runtime:
             precision: 'fp32', 'fp16' or 'bf16' (default: fp16 on CUDA, fp32 on the CPU; engines: theirs).
             engines: an engine folder from ``dreampose-rt build-engine`` (onnxruntime / tensorrt).
             data_plane: after each UNet call: 'auto', 'triton' (fused Triton kernel) or 'scheduler'.
-            **backend_options: passed to the backend (e.g. compile_mode, cuda_graph, check_weights).
+            **backend_options: passed to the backend (e.g. compile_mode, cuda_graph, check_weights, channels_last).
         """
         dev = resolve_device(device)
         if precision is None:

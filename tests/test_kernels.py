@@ -9,6 +9,7 @@ Sizes are tiny on purpose: the interpreter costs per program and per element.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -529,3 +530,15 @@ def test_benchmark_on_cpu_says_it_needs_cuda(tmp_path, capsys):
     assert bench_fused_step.main(["--results", str(tmp_path)]) == 0
     assert "needs a CUDA GPU" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+def test_benchmark_record_on_cuda():
+    """bench_fused_step's record on a GPU (numbers only checked for sense: the benchmark suite measures)."""
+    from dreampose_rt.benchmarks import bench_fused_step
+
+    r = bench_fused_step.bench(1, "dpmpp", 6, torch.float16, rounds=1, copy_gbps=3000.0)
+    assert r["cold_buffer_sets"] * r["bytes_moved"] >= 4 * torch.cuda.get_device_properties(0).L2_cache_size
+    for key in ("kernel_us", "kernel_us_graph_l2_warm", "kernel_us_do_bench", "graph_loop_us_per_step",
+                "eager_launch_us_per_step", "eager_diffusers_us_per_step", "achieved_GBps"):
+        assert r[key] > 0 and math.isfinite(r[key]), key
