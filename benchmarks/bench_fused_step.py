@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from .measure import capture_graph
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 CONFIGS = {
@@ -89,14 +91,7 @@ def _cold_graph_us(e: torch.Tensor, lat: torch.Tensor, out: torch.Tensor, sample
         for e_j, lat_j, out_j, st_j in sets:
             guided_step(e_j, lat_j, sampler.table, k, s_i, s_p, st_j, out=out_j)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launches()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launches()
+    graph, _ = capture_graph(launches)
     graph.replay()
     times = [_events_ms(graph.replay) * 1e3 / n for _ in range(reps)]
     return statistics.median(times), n
@@ -146,14 +141,7 @@ def bench(frames: int, scheduler: str, steps: int, dtype: torch.dtype, rounds: i
         for _ in range(n):
             sampler.step(e, lat, out=lat)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch_loop()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch_loop()
+    graph, _ = capture_graph(launch_loop)
 
     ref = getattr(diffusers, DIFFUSERS_CLASS[scheduler])(**CONFIGS[scheduler])
 

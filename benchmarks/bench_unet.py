@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .measure import count_flops, device_info, device_peak_tflops, meta_copy, slug, today, versions
+from .measure import capture_graph, count_flops, device_info, device_peak_tflops, meta_copy, slug, today, versions
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +100,7 @@ def _graphed(fn: Callable[[], torch.Tensor], spec: VariantSpec) -> tuple[Callabl
     saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = spec.cudnn_benchmark
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+        graph, out = capture_graph(fn, warmup=2)
     finally:
         torch.backends.cudnn.benchmark = saved
     return graph.replay, out
@@ -235,7 +227,8 @@ def bench(model, variants: list[str], batches: list[int], device: torch.device, 
 
 
 def table(record: dict) -> str:
-    lines = [f"{'variant':<28} {'batch':>5} {'ms/call':>9} {'TFLOP/s':>8} {'MFU':>6} {'rel err':>9} {'s/frame@101':>12}"]
+    lines = [f"{'variant':<28} {'batch':>5} {'ms/call':>9} {'TFLOP/s':>8} {'MFU':>6} {'rel err':>9} "
+             f"{'s/frame@101':>12}"]
     for k, r in record["results"].items():
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         lines.append(f"{r['variant']:<28} {r['batch']:>5} {r['ms_per_call']:9.3f} {r['tflops']:8.1f} {mfu:>6} "
@@ -252,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated '<fp32|fp16|bf16>[-cl][-cudnnbench]'")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--replays", type=int, default=5, help="back-to-back calls per timed sample")
-    p.add_argument("--compile", default=None, metavar="MODE", help="also time torch.compile(mode=MODE) of the first variant")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="also time torch.compile(mode=MODE) of the first variant (default or max-autotune-no-cudagraphs: "
+                   "each call is captured in a graph already)")
     p.add_argument("--results", default=RESULTS, help="folder for the JSON record")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -266,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                    args.replays, args.compile)  # fmt: skip
     record["model"] = args.model
     print(table(record))
-    name = f"bench_unet_{slug(record['device']['name'])}_{slug(args.model)}{'_compiled' if args.compile else ''}_{today()}.json"
+    compiled = "_compiled" if args.compile else ""
+    name = f"bench_unet_{slug(record['device']['name'])}_{slug(args.model)}{compiled}_{today()}.json"
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, name)
     tmp = path + ".tmp"
