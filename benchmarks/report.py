@@ -67,7 +67,10 @@ def markdown(result: dict[str, Any]) -> str:
         )  # fmt: skip
     lines += [
         "",
-        "Breakdown of one frame (ms per frame; UNet and update also per call / step):",
+        "Breakdown of one frame (ms per frame; UNet and update also per call / step"
+        + ("; from the instrumented rounds, which launch every kernel from Python: the timed rounds above "
+           "replay CUDA graphs, so their UNet calls and updates are faster than these)"
+           if dev["type"] == "cuda" else ")") + ":",
         "",
         "| variant | encode | UNet | UNet per call | guidance + update per step | decode | other | UNet TFLOP/s |",
         "|---|---|---|---|---|---|---|---|",
@@ -112,7 +115,9 @@ def markdown(result: dict[str, Any]) -> str:
             else:
                 lines.append(
                     f"- fused guidance + update (Triton), one frame: {fused['kernel_us']:.2f} us per step "
-                    f"(L2 cold, no launch; {fused['achieved_GBps']:.0f} GB/s), "
+                    # records before 2026-11-26's second GPU run timed kernel_us with do_bench, launch included
+                    + ("(L2 cold, no launch; " if "kernel_us_do_bench" in fused else "(do_bench, Python launch included; ")
+                    + f"{fused['achieved_GBps']:.0f} GB/s), "
                     f"{fused['graph_loop_us_per_step']:.2f} us per step in the captured loop; eager combine + "
                     f"diffusers step {fused['eager_diffusers_us_per_step']:.1f} us "
                     f"({fused['speedup_eager_over_graph_loop']:.0f}x the captured loop)"
