@@ -9,7 +9,7 @@ At 80 x 64 latents (4 channels) for each F:
   median. ``achieved_GBps`` = the bytes that row moves (:func:`dreampose_rt.kernels.bytes_moved`) /
   ``kernel_us``, compared with the nominal 3.0 TB/s of an H100 and with this device's measured copy
   bandwidth (a 512 MiB device-to-device copy). At one frame (0.37 MB) a kernel's start and drain, not
-  bandwidth, set the time (~1.5 us on an H100).
+  bandwidth, set the time (1.6 us with inputs in L2 on an H100: 0.37 MB at 3 TB/s would be 0.12 us).
 - ``kernel_us_graph_l2_warm``: the same call replayed alone from a graph (inputs stay in L2);
   ``kernel_us_do_bench``: ``triton.testing.do_bench`` (L2 flushed before each call), whose event pair
   includes the Python launch when that outlasts the flush (it did on the H100 machine: 137 us at one
@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .measure import capture_graph
+from dreampose_rt.graphs import capture as capture_graph
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     path = os.path.join(args.results, f"bench_fused_step_{slug}_{datetime.date.today().isoformat()}.json")
     os.makedirs(args.results, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=2)
+    os.replace(path + ".tmp", path)  # a killed run leaves no half-written record
     print(f"wrote {path}")
     return 0
 

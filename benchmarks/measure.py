@@ -91,22 +91,6 @@ class PhaseRecorder:
         return {k: (self._seconds[k], self._calls[k]) for k in self._calls}
 
 
-def capture_graph(fn: Callable[[], Any], warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """``fn`` run ``warmup`` times on a side stream (compilation, algorithm choice, lazy allocations stay
-    out of the capture), then captured once. Returns (graph, what the captured call returned): that
-    output is the graph's own buffer, written by each replay, not by the capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def time_call(fn: Callable[[], Any], device: torch.device) -> float:
     """Seconds taken by ``fn()``: CUDA events around it after a synchronisation on a GPU, else wall clock."""
     if device.type == "cuda":

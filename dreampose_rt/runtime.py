@@ -42,6 +42,7 @@ from dreampose.timing import PhaseTimer, timed
 from dreampose.utils import DreamPoseError, PathLike
 
 from .backends import Backend, select_backend
+from .graphs import capture
 from .profiling import nvtx_range
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,6 @@ class Runtime:
         self.is_demo = is_demo
         self.timer: PhaseTimer | None = None
         self.cuda_graph = True  # see _use_cuda_graph
-        self._side_stream: torch.cuda.Stream | None = None  # see _warmup_stream
         self._cache: OrderedDict[str, SubjectConditioning] = OrderedDict()
         self._frame_bytes: int | None = None
 
@@ -292,14 +292,6 @@ class Runtime:
         return (self.device.type == "cuda" and self.cuda_graph and self.timer is None
                 and self.backend.graph_capturable)
 
-    def _warmup_stream(self) -> torch.cuda.Stream:
-        """The side stream the graph loop warms up on: one per runtime. A new stream per render would cost
-        memory for good: PyTorch keeps a cuBLAS workspace (32 MiB on Hopper) for every stream that ran a
-        matmul, and its stream pool hands out 32 different streams before it repeats one."""
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.device)
-        return self._side_stream
-
     def _denoise_graph(self, sampler, latents: torch.Tensor, p: torch.Tensor, ehs: torch.Tensor, on_step) -> torch.Tensor:
         """The whole step (UNet on 3F samples + the fused update, the timestep read from the sampler's
         device counter) captured once in a CUDA graph and replayed for every step: no host work and no
@@ -311,14 +303,7 @@ class Runtime:
             eps = self.backend.unet(latents.repeat(NUM_BRANCHES, 1, 1, 1), p, sampler.timestep(), ehs)
             sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
 
-        side = self._warmup_stream()
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
+        graph, _ = capture(body, self.device)  # on the process's warm-up stream (see dreampose_rt.graphs)
         latents.copy_(noise)
         sampler.reset()
         for k in range(sampler.num_steps):
