@@ -163,17 +163,20 @@ def _inputs(model: DreamPoseModel, n_frames: int) -> tuple[np.ndarray, np.ndarra
 
 
 class _Models:
-    """The model in each (device, dtype) it is needed in, made once and shared by variants."""
+    """The model in each (device, dtype, layout) it is needed in, made once and shared by variants. A
+    channels_last backend converts its model's UNet in place, so it gets a copy of its own."""
 
     def __init__(self, model: DreamPoseModel, device: torch.device) -> None:
         self.base, self.device = model, device
-        self._made: dict[torch.dtype, DreamPoseModel] = {}
+        self._made: dict[tuple[torch.dtype, bool], DreamPoseModel] = {}
 
-    def get(self, dtype: torch.dtype) -> DreamPoseModel:
-        if dtype not in self._made:
-            m = self.base if dtype == torch.float32 and self.device.type == "cpu" else self.base.copy()
-            self._made[dtype] = m.to(device=self.device, dtype=dtype).eval()
-        return self._made[dtype]
+    def get(self, dtype: torch.dtype, channels_last: bool = False) -> DreamPoseModel:
+        key = (dtype, channels_last)
+        if key not in self._made:
+            own = dtype == torch.float32 and self.device.type == "cpu" and not channels_last
+            m = self.base if own else self.base.copy()
+            self._made[key] = m.to(device=self.device, dtype=dtype).eval()
+        return self._made[key]
 
 
 def _baseline(models: _Models, image: np.ndarray, poses: np.ndarray, s: BenchSettings) -> Variant:
@@ -256,11 +259,12 @@ def _runtime_variant(
             return avail.reason + (" (pass --engines DIR or --build-engines)" if name == "onnxruntime" else " (pass --engines DIR)")
         return avail.reason
     dtype = PRECISIONS[precision]
-    model = models.get(dtype)
+    channels_last = name in ("torch", "compiled") and s.channels_last
+    model = models.get(dtype, channels_last)
     options: dict[str, Any] = {"engines": engines}
     if name == "compiled" and s.compile_mode:
         options["compile_mode"] = s.compile_mode
-    if name in ("torch", "compiled") and s.channels_last:
+    if channels_last:
         options["channels_last"] = True
     try:
         backend = BACKENDS[name](model, device, dtype, **options)

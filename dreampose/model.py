@@ -422,10 +422,15 @@ class DreamPoseModel(nn.Module):
         pose_window: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        channels_last: bool = False,
     ) -> torch.Tensor:
         """One UNet call. latents (B, 4, h, w), pose_window (B, 2 * n_poses, h, w) in [-1, 1] (zeros = null
-        pose), timestep scalar or (B,), encoder_hidden_states (B, N, D) -> predicted noise (B, 4, h, w)."""
+        pose), timestep scalar or (B,), encoder_hidden_states (B, N, D) -> predicted noise (B, 4, h, w).
+        ``channels_last``: give the UNet its input in channels_last memory format (for a UNet whose weights
+        are channels_last; the output then is channels_last too)."""
         x = torch.cat([latents, pose_window.to(latents.dtype)], dim=1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,9 @@ def test_eager_triton_loop_matches_the_graph_loop(tiny_model_dir, cuda_rt, refer
 def test_channels_last_on_cuda_matches_the_reference(tiny_model_dir, reference, subject_image, pose_seq):
     """channels_last UNet (cuDNN NHWC convolutions) inside the captured graph loop."""
     rt = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cuda", precision="fp32", channels_last=True)
-    assert rt._use_cuda_graph()
+    assert rt._use_cuda_graph() and "channels_last" in rt.backend.describe()
+    conv = rt.model.unet.conv_in.weight
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame")
     _close(out, reference["pndm"])
 
