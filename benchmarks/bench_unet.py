@@ -1,22 +1,26 @@
 """One UNet call in each precision and memory layout, interleaved: where a frame's time goes.
 
     python -m dreampose_rt.benchmarks.bench_unet [--model sd15] [--batches 3 24]
-        [--variants fp16,fp16-cl,fp16-cl-cudnnbench,bf16,bf16-cl] [--rounds 10] [--compile MODE]
+        [--variants fp16,fp16-cl,bf16-cl] [--rounds 10] [--compile MODE]
 
 At the paper's settings the UNet is ~99% of a frame's FLOPs (101 calls of 3 samples each), so its call
 time decides the frame time. For each variant and batch (3 samples = one frame; 3F = F frames per call):
 
 - the call is what the runtime's torch backend runs per step: ``cat(latents, pose window)`` then the
   UNet; variants named ``-cl`` convert that input to channels_last and run a channels_last copy of the
-  UNet (cuDNN's NHWC convolutions on tensor cores need no layout transposes); ``-cudnnbench`` lets cuDNN
-  time its algorithms while the call is captured (``torch.backends.cudnn.benchmark``); ``--compile MODE``
-  adds ``compiled-<first variant>``: ``torch.compile(unet, mode=MODE)``;
+  UNet (cuDNN's NHWC convolutions on tensor cores need no layout transposes); ``-cudnnbench`` sets
+  ``torch.backends.cudnn.benchmark`` while the call is warmed up and captured (but PyTorch caches cuDNN
+  plans by shape and layout, not by that flag: after a variant of the same dtype and layout has run,
+  the cached plans are reused and nothing is benchmarked; on the H100 run it made no difference, so
+  it is not among the defaults); ``--compile MODE`` adds ``compiled-<first variant>``:
+  ``torch.compile(unet, mode=MODE)``, MODE ``default`` or ``max-autotune-no-cudagraphs`` (modes that
+  capture CUDA graphs themselves cannot be captured again);
 - on CUDA, each call is captured in a CUDA graph and replayed (as the runtime replays its steps), timed
   with CUDA events over ``--replays`` back-to-back replays; the first variant is also timed eagerly
   (``<name>-eager``: Python launches every kernel), which shows the launch overhead the graph removes;
 - ``ms_per_call`` (median over interleaved rounds), ``tflops`` (FLOPs counted by torch's FLOP counter
   / time), ``mfu`` against the device's dense fp16 peak, and ``rel_err_vs_fp32``: ||out - ref|| / ||ref||
-  against the fp32 NCHW call on the same inputs, checked before timing: a variant over its dtype's
+  against the fp32 NCHW call on the same inputs (run with TF32 off), checked before timing: a variant over its dtype's
   tolerance is not timed and is listed under ``rejected`` with its error (a fast wrong variant is no result).
 
 Results: benchmarks/results/bench_unet_<device>_<model>_<date>.json. On the CPU it runs too (no graphs;
@@ -39,12 +43,16 @@ from typing import Callable
 
 import torch
 
-from .measure import capture_graph, count_flops, device_info, device_peak_tflops, meta_copy, slug, today, versions
+from dreampose_rt.graphs import capture as capture_graph
+
+from .measure import count_flops, device_info, device_peak_tflops, meta_copy, slug, today, versions
 
 logger = logging.getLogger(__name__)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: torch.compile modes that use CUDA graphs themselves (a graph inside a capture fails)
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 #: relative error vs the fp32 call that a variant of each dtype must stay under (random weights, 16 blocks deep)
 REL_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
@@ -134,6 +142,15 @@ def bench(model, variants: list[str], batches: list[int], device: torch.device, 
     specs = [VariantSpec.parse(v) for v in variants]
     if not specs:
         raise ValueError("no variants to time")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variants named twice: {variants}")
+    if not batches or any(b < 1 for b in batches):
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    if rounds < 1 or replays < 1:
+        raise ValueError(f"rounds and replays must be >= 1, got {rounds} and {replays}")
+    if compile_mode in GRAPH_COMPILE_MODES:
+        raise ValueError(f"compile mode {compile_mode!r} captures CUDA graphs itself; use 'default' or "
+                         "'max-autotune-no-cudagraphs' (each call is captured here already)")
     unet32 = copy.deepcopy(model.unet).to(device=device, dtype=torch.float32).eval()
     unets: dict[tuple[torch.dtype, bool], torch.nn.Module] = {}
 
@@ -162,9 +179,14 @@ def bench(model, variants: list[str], batches: list[int], device: torch.device, 
     rejected: dict[str, str] = {}
     for b in batches:
         inp = _inputs(model, b, device, seed + b)
-        with torch.no_grad():
-            ref = unet32(torch.cat([inp["latents"], inp["pose"]], 1), inp["t"], encoder_hidden_states=inp["ehs"],
-                         return_dict=False)[0]  # fmt: skip
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+        try:
+            with torch.no_grad():
+                ref = unet32(torch.cat([inp["latents"], inp["pose"]], 1), inp["t"],
+                             encoder_hidden_states=inp["ehs"], return_dict=False)[0]  # fmt: skip
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         entries = [(s.name, s, unet_for(s)) for s in specs]
         if compile_mode:
             s0 = specs[0]
@@ -218,6 +240,7 @@ def bench(model, variants: list[str], batches: list[int], device: torch.device, 
         "versions": versions(),
         "flops_per_sample": flops_per_sample,
         "peak_tflops": peak,
+        "reference": "fp32, NCHW, TF32 off",
         "rounds": rounds,
         "replays_per_sample": replays,
         "timing": "CUDA graph replays between CUDA events" if cuda else "time.perf_counter",
@@ -241,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="sd15", help="tiny, sd15 (random weights) or a model folder")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--batches", type=int, nargs="+", default=[3, 24], help="UNet batches (3 samples per frame)")
-    p.add_argument("--variants", default="fp16,fp16-cl,fp16-cl-cudnnbench,bf16-cl",
+    p.add_argument("--variants", default="fp16,fp16-cl,bf16-cl",
                    help="comma-separated '<fp32|fp16|bf16>[-cl][-cudnnbench]'")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--replays", type=int, default=5, help="back-to-back calls per timed sample")
@@ -251,14 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=RESULTS, help="folder for the JSON record")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from dreampose.utils import DreamPoseError
     from dreampose_rt.runtime import resolve_device
 
     from .suite import load_model
 
-    device = resolve_device(args.device)
-    model, _ = load_model(args.model, 0)
-    record = bench(model, [v for v in args.variants.split(",") if v], args.batches, device, args.rounds,
-                   args.replays, args.compile)  # fmt: skip
+    try:
+        device = resolve_device(args.device)
+        variants = [v for v in args.variants.split(",") if v]
+        for v in variants:
+            VariantSpec.parse(v)
+        model, _ = load_model(args.model, 0)
+        record = bench(model, variants, args.batches, device, args.rounds, args.replays, args.compile)
+    except (ValueError, DreamPoseError) as e:
+        print(f"bench_unet: {e}", file=sys.stderr)
+        return 2
     record["model"] = args.model
     print(table(record))
     compiled = "_compiled" if args.compile else ""
