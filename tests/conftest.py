@@ -81,3 +81,29 @@ def pose_seq():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+class ReferenceFrames(dict):
+    """The fp32 reference pipeline's uint8 frames (3, H, W, 3) of the first 3 poses of ``pose_seq``
+    (per-frame noise, ``steps`` steps), by scheduler name, each rendered on first use."""
+
+    steps = 4
+
+    def __init__(self, model, image, poses) -> None:
+        super().__init__()
+        self._args = model, image, poses
+
+    def __missing__(self, scheduler: str) -> np.ndarray:
+        from dreampose.pipeline import DreamPosePipeline
+
+        model, image, poses = self._args
+        frames = DreamPosePipeline(model)(image, poses[:3], steps=self.steps, scheduler=scheduler, noise="per-frame",
+                                          progress=False)  # fmt: skip
+        self[scheduler] = frames
+        return frames
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, subject_image, pose_seq):
+    """What the runtime's renders are compared with (tests/test_runtime.py, tests/test_runtime_cuda.py)."""
+    return ReferenceFrames(tiny_model, subject_image, pose_seq)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from dreampose.pipeline import DreamPosePipeline
 from dreampose.utils import DreamPoseError
 from dreampose_rt.backends import availability_report
 from dreampose_rt.runtime import Runtime
@@ -32,20 +31,14 @@ def _close(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, subject_image, pose_seq):
-    pipe = DreamPosePipeline(tiny_model)
-    return {s: pipe(subject_image, pose_seq[:3], steps=STEPS, scheduler=s, noise="per-frame", progress=False)
-            for s in ("pndm", "ddim", "dpmpp")}
-
-
-@pytest.fixture(scope="module")
 def torch_rt(tiny_model_dir):
     return Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cpu")
 
 
 @pytest.mark.parametrize("scheduler", ["pndm", "ddim", "dpmpp"])
 def test_torch_backend_matches_the_reference(torch_rt, reference, subject_image, pose_seq, scheduler):
-    out = torch_rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler=scheduler, noise="per-frame")
+    out = torch_rt.render(pose_seq[:3], image=subject_image, steps=reference.steps,
+                          scheduler=scheduler, noise="per-frame")
     _close(out, reference[scheduler])
 
 
@@ -54,7 +47,7 @@ def test_channels_last_torch_backend_matches_the_reference(tiny_model_dir, refer
     assert "channels_last" in rt.backend.describe()
     conv = rt.model.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame")
+    out = rt.render(pose_seq[:3], image=subject_image, steps=reference.steps, scheduler="pndm", noise="per-frame")
     _close(out, reference["pndm"])
 
 
@@ -70,7 +63,7 @@ def ort_engines(tiny_model_dir, tmp_path_factory):
 def test_onnxruntime_backend_matches_the_reference(tiny_model_dir, ort_engines, reference, subject_image, pose_seq):
     rt = Runtime.from_pretrained(tiny_model_dir, backend="onnxruntime", engines=ort_engines)
     assert rt.backend.name == "onnxruntime" and rt.dtype == torch.float32
-    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, noise="per-frame", frames_per_batch=1)
+    out = rt.render(pose_seq[:3], image=subject_image, steps=reference.steps, noise="per-frame", frames_per_batch=1)
     _close(out, reference["pndm"])
     # auto picks the engines when they are given
     assert Runtime.from_pretrained(tiny_model_dir, engines=ort_engines).backend.name == "onnxruntime"
@@ -96,7 +89,7 @@ def test_engines_of_another_model_are_refused(tmp_path, tiny_model, ort_engines)
 def test_compiled_backend_matches_the_reference(tiny_model_dir, reference, subject_image, pose_seq):
     """torch.compile on the CPU (inductor's C++ backend): tens of seconds to compile on 2 cores."""
     rt = Runtime.from_pretrained(tiny_model_dir, backend="compiled", device="cpu")
-    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, noise="per-frame")
+    out = rt.render(pose_seq[:3], image=subject_image, steps=reference.steps, noise="per-frame")
     _close(out, reference["pndm"])
 
 

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from dreampose.pipeline import DreamPosePipeline
 from dreampose_rt.runtime import Runtime
 
 pytestmark = pytest.mark.gpu
 
-STEPS = 4
+STEPS = 4  # renders not compared with the reference (those use reference.steps)
 # fp32 with TF32 off (below): the GPU's convolutions and matmuls agree with the CPU's to ~1e-6 relative,
 # so after decoding a pixel moves across a uint8 rounding boundary now and then, as in test_runtime.py.
 MAX_LEVELS = 2
@@ -43,13 +42,6 @@ def no_tf32():
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, subject_image, pose_seq):
-    pipe = DreamPosePipeline(tiny_model)
-    return {s: pipe(subject_image, pose_seq[:3], steps=STEPS, scheduler=s, noise="per-frame", progress=False)
-            for s in ("pndm", "ddim", "dpmpp")}
-
-
-@pytest.fixture(scope="module")
 def cuda_rt(tiny_model_dir):
     return Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cuda", precision="fp32")
 
@@ -58,17 +50,17 @@ def cuda_rt(tiny_model_dir):
 def test_graph_loop_matches_the_reference(cuda_rt, reference, subject_image, pose_seq, scheduler):
     """The default CUDA path: the Triton data plane with every step replayed from one CUDA graph."""
     assert cuda_rt.data_plane() == "triton" and cuda_rt._use_cuda_graph()
-    out = cuda_rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler=scheduler, noise="per-frame")
+    out = cuda_rt.render(pose_seq[:3], image=subject_image, steps=reference.steps,
+                         scheduler=scheduler, noise="per-frame")
     _close(out, reference[scheduler])
 
 
 def test_graphs_are_recaptured_for_each_batch_shape(cuda_rt, reference, subject_image, pose_seq):
     """Batches of 2 then 1 frames: two captures of two shapes, and a render after that one reuses nothing stale."""
-    out = cuda_rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame",
-                         frames_per_batch=2)
+    kw = dict(image=subject_image, steps=reference.steps, scheduler="pndm", noise="per-frame", frames_per_batch=2)
+    out = cuda_rt.render(pose_seq[:3], **kw)
     _close(out, reference["pndm"])
-    again = cuda_rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame",
-                           frames_per_batch=2)
+    again = cuda_rt.render(pose_seq[:3], **kw)
     assert np.array_equal(out, again)
 
 
@@ -77,8 +69,9 @@ def test_eager_triton_loop_matches_the_graph_loop(tiny_model_dir, cuda_rt, refer
     rt = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cuda", precision="fp32")
     rt.cuda_graph = False
     assert rt.data_plane() == "triton" and not rt._use_cuda_graph()
-    eager = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="dpmpp", noise="per-frame")
-    graph = cuda_rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="dpmpp", noise="per-frame")
+    eager = rt.render(pose_seq[:3], image=subject_image, steps=reference.steps, scheduler="dpmpp", noise="per-frame")
+    graph = cuda_rt.render(pose_seq[:3], image=subject_image, steps=reference.steps,
+                           scheduler="dpmpp", noise="per-frame")
     _close(eager, reference["dpmpp"])
     top, _ = _diff(eager, graph)
     assert top <= 1, f"graph replay and eager steps differ by {top} levels"
@@ -90,7 +83,7 @@ def test_channels_last_on_cuda_matches_the_reference(tiny_model_dir, reference, 
     assert rt._use_cuda_graph() and "channels_last" in rt.backend.describe()
     conv = rt.model.unet.conv_in.weight
     assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame")
+    out = rt.render(pose_seq[:3], image=subject_image, steps=reference.steps, scheduler="pndm", noise="per-frame")
     _close(out, reference["pndm"])
 
 
@@ -98,7 +91,7 @@ def test_scheduler_data_plane_on_cuda_matches_the_reference(tiny_model_dir, refe
     """data_plane='scheduler': the scheduler's table-driven PyTorch step on device tensors."""
     rt = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cuda", precision="fp32",
                                  data_plane="scheduler")
-    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame")
+    out = rt.render(pose_seq[:3], image=subject_image, steps=reference.steps, scheduler="pndm", noise="per-frame")
     _close(out, reference["pndm"])
 
 
@@ -108,7 +101,7 @@ def test_half_precision_render_stays_near_fp32(tiny_model_dir, reference, subjec
     loose on purpose (half precision through a random model's 4 steps and the VAE); a swapped branch, a
     wrong scale or an unwritten output lands tens of levels away."""
     rt = Runtime.from_pretrained(tiny_model_dir, backend="torch", device="cuda", precision=precision)
-    out = rt.render(pose_seq[:3], image=subject_image, steps=STEPS, scheduler="pndm", noise="per-frame")
+    out = rt.render(pose_seq[:3], image=subject_image, steps=reference.steps, scheduler="pndm", noise="per-frame")
     top, mean = _diff(out, reference["pndm"])
     limit = 3.0 if precision == "fp16" else 6.0
     assert mean <= limit, f"{precision}: mean {mean:.3f} levels from fp32 (max {top})"
