@@ -12,7 +12,10 @@ time decides the frame time. For each variant and batch (3 samples = one frame; 
   ``torch.backends.cudnn.benchmark`` while the call is warmed up and captured (but PyTorch caches cuDNN
   plans by shape and layout, not by that flag: after a variant of the same dtype and layout has run,
   the cached plans are reused and nothing is benchmarked; on the H100 run it made no difference, so
-  it is not among the defaults); ``--compile MODE`` adds ``compiled-<first variant>``:
+  it is not among the defaults); ``-flash``, ``-efficient``, ``-cudnnattn`` or ``-math`` pins the
+  attention kernel of ``scaled_dot_product_attention`` (diffusers' attention processor calls it; with none
+  pinned PyTorch picks, and a pinned kernel that cannot take the shapes fails the variant, reported under
+  ``rejected``); ``--compile MODE`` adds ``compiled-<first variant>``:
   ``torch.compile(unet, mode=MODE)``, MODE ``default`` or ``max-autotune-no-cudagraphs`` (modes that
   capture CUDA graphs themselves cannot be captured again);
 - on CUDA, each call is captured in a CUDA graph and replayed (as the runtime replays its steps), timed
@@ -57,21 +60,41 @@ GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 REL_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
+#: attention kernels a variant may pin (torch.nn.attention.SDPBackend); none pinned: PyTorch's own choice
+ATTENTION = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnnattn": "CUDNN_ATTENTION",
+             "math": "MATH"}  # fmt: skip
+VARIANT_FORMAT = "'<fp32|fp16|bf16>[-cl][-cudnnbench][-flash|-efficient|-cudnnattn|-math]'"
+
+
 @dataclass(frozen=True)
 class VariantSpec:
-    """A parsed variant name: '<dtype>[-cl][-cudnnbench]'."""
+    """A parsed variant name: '<dtype>[-cl][-cudnnbench][-<attention kernel>]'."""
 
     name: str
     dtype: torch.dtype
     channels_last: bool
     cudnn_benchmark: bool
+    attention: str | None = None  # a key of ATTENTION
 
     @classmethod
     def parse(cls, name: str) -> "VariantSpec":
         parts = name.split("-")
-        if parts[0] not in DTYPES or any(p not in ("cl", "cudnnbench") for p in parts[1:]):
-            raise ValueError(f"unknown variant {name!r}: '<fp32|fp16|bf16>[-cl][-cudnnbench]'")
-        return cls(name, DTYPES[parts[0]], "cl" in parts[1:], "cudnnbench" in parts[1:])
+        flags = parts[1:]
+        attention = [p for p in flags if p in ATTENTION]
+        if (parts[0] not in DTYPES or any(p not in ("cl", "cudnnbench", *ATTENTION) for p in flags)
+                or len(attention) > 1 or len(set(flags)) != len(flags)):
+            raise ValueError(f"unknown variant {name!r}: {VARIANT_FORMAT}")
+        return cls(name, DTYPES[parts[0]], "cl" in flags, "cudnnbench" in flags, attention[0] if attention else None)
+
+    def attention_context(self):
+        """A context that pins the variant's attention kernel (a no-op context when it pins none)."""
+        import contextlib
+
+        if self.attention is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, ATTENTION[self.attention]))
 
 
 def _inputs(model, batch: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -97,7 +120,8 @@ def _call(unet: torch.nn.Module, spec: VariantSpec, inp: dict[str, torch.Tensor]
     @torch.no_grad()
     def run() -> torch.Tensor:
         x = torch.cat([lat, pose], dim=1).contiguous(memory_format=fmt)
-        return unet(x, t, encoder_hidden_states=ehs, return_dict=False)[0]
+        with spec.attention_context():  # (in a graph, the kernels chosen at capture replay)
+            return unet(x, t, encoder_hidden_states=ehs, return_dict=False)[0]
 
     return run
 
@@ -195,14 +219,19 @@ def bench(model, variants: list[str], batches: list[int], device: torch.device, 
             key = f"{name}@{b}"
             fn = _call(unet, spec, inp)
             t0 = time.perf_counter()
-            if cuda:
-                replay, out = _graphed(fn, spec)
-                replay()  # a captured graph's output holds nothing until the graph first runs
-                torch.cuda.synchronize(device)
-                timed[key] = replay
-            else:
-                out = fn()
-                timed[key] = fn
+            try:
+                if cuda:
+                    replay, out = _graphed(fn, spec)
+                    replay()  # a captured graph's output holds nothing until the graph first runs
+                    torch.cuda.synchronize(device)
+                    timed[key] = replay
+                else:
+                    out = fn()
+                    timed[key] = fn
+            except RuntimeError as e:  # e.g. a pinned attention kernel that does not take these shapes
+                rejected[key] = f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                logger.error("bench_unet: %s: %s", key, rejected[key])
+                continue
             logger.info("bench_unet: %s ready in %.1f s", key, time.perf_counter() - t0)
             rel[key] = _rel(out, ref)
             if not rel[key] <= REL_TOL[spec.dtype]:  # NaN fails too

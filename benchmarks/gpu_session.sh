@@ -77,8 +77,8 @@ step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -o addopts
 while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 30 ]; do sleep 1; done
 kill -0 $BUILD 2>/dev/null && { pkill -P $BUILD; kill $BUILD; echo "== build_ext: stopped at the deadline" | tee -a "$R/steps.txt"; }
 timeout 60 python3 -m dreampose_rt.info > "$R/info.txt" 2>&1
-step bench_unet 100 python3 -m dreampose_rt.benchmarks.bench_unet --model sd15 --batches 3 24 \
-  --variants fp16,fp16-cl,bf16-cl --rounds 5 --results "$R"
+step bench_unet 130 python3 -m dreampose_rt.benchmarks.bench_unet --model sd15 --batches 3 24 \
+  --variants fp16,fp16-cl,bf16-cl,fp16-flash,fp16-efficient,fp16-cudnnattn --rounds 5 --results "$R"
 step suite 170 python3 -m dreampose_rt.cli bench --device cuda --model sd15 --frames 8 --baseline-frames 1 \
   --steps 100 --backends baseline,torch --repeats 2 --warmup 1 --micro-rounds 3 --out-dir "$R"
 step suite_cl 150 python3 -m dreampose_rt.cli bench --device cuda --model sd15 --frames 8 --steps 100 \

@@ -147,6 +147,17 @@ def test_bench_unet_times_each_variant_and_rejects_a_wrong_one(tiny_model, monke
     assert "bf16@3" in rec["rejected"] and "tolerance" in rec["rejected"]["bf16@3"]
     with pytest.raises(ValueError, match="unknown variant 'fp8'"):
         bench_unet.VariantSpec.parse("fp8")
+    for bad in ("fp16-flash-math", "fp16-cl-cl", "fp16-xl"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            bench_unet.VariantSpec.parse(bad)
+    assert bench_unet.VariantSpec.parse("bf16-cl-cudnnattn").attention == "cudnnattn"
+
+    # attention kernels pinned: math and flash run on the CPU; the CUDA-only one fails and is listed
+    rec = bench_unet.bench(tiny_model, ["fp32", "fp32-math", "fp32-flash", "fp32-efficient"], [3],
+                           torch.device("cpu"), rounds=1, replays=1)  # fmt: skip
+    assert set(rec["results"]) == {"fp32@3", "fp32-math@3", "fp32-flash@3"}
+    assert rec["results"]["fp32-math@3"]["rel_err_vs_fp32"] < 1e-5
+    assert rec["rejected"]["fp32-efficient@3"].startswith("failed: ")
     for kwargs, message in ((dict(variants=["fp32", "fp32"]), "named twice"), (dict(rounds=0), "rounds and replays"),
                             (dict(batches=[0]), "batches must be"), (dict(compile_mode="reduce-overhead"), "captures CUDA graphs")):
         args = dict(variants=["fp32"], batches=[3], rounds=1) | kwargs
