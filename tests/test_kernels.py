@@ -350,12 +350,21 @@ def test_captured_cuda_graph_loop_replays_with_new_scales():
 # ------------------------------------------------------------------------------------------------
 # Launcher checks
 # ------------------------------------------------------------------------------------------------
+#: where the launcher's checks are tested: the CPU through the interpreter, else the GPU (the cases build
+#: their tensors under ``with torch.device(KERNEL_DEVICE)``)
+KERNEL_DEVICE = "cpu" if fused_step._interpreting() else "cuda"
+on_kernel_device = pytest.mark.skipif(
+    KERNEL_DEVICE == "cuda" and not torch.cuda.is_available(),
+    reason="the kernel is compiled (TRITON_INTERPRET is off) and there is no CUDA device to launch it on",
+)
+
+
 def _args(dtype=torch.float32):
-    table = plan("pndm-prk", "cpu")
+    table = plan("pndm-prk", KERNEL_DEVICE)
     info = TableInfo.of(table)
-    x, outs = random_inputs((2, 4, 5, 3), 1, dtype, "cpu")
+    x, outs = random_inputs((2, 4, 5, 3), 1, dtype, KERNEL_DEVICE)
     return dict(unet_out=outs[0], latents=x, table=table, step=0, scale_image=7.5, scale_pose=2.0,
-                state=nan_state(info, x.shape, "cpu"), out=None)  # fmt: skip
+                state=nan_state(info, x.shape, KERNEL_DEVICE), out=None)  # fmt: skip
 
 
 def _state_with(**kw):
@@ -407,22 +416,24 @@ ERROR_CASES = {
 }
 
 
-@needs_interpreter
+@on_kernel_device
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_launcher_errors_name_the_tensor(case):
     change, match = ERROR_CASES[case]
-    a = _args()
-    a.update(change(a))
+    a = _args()  # (seeded on the CPU, then moved: outside the default-device context)
+    with torch.device(KERNEL_DEVICE):  # the tensors a case makes go where the kernel runs
+        a.update(change(a))
     with pytest.raises(ValueError, match=match):
         guided_step(**a)
 
 
-@needs_interpreter
+@on_kernel_device
 def test_empty_batch_is_a_no_op():
     a = _args()
     table, info = a["table"], TableInfo.of(a["table"])
-    x = torch.empty((0, 4, 5, 3))
-    out = guided_step(torch.empty((0, 4, 5, 3)), x, table, 0, 7.5, 2.0, nan_state(info, x.shape, "cpu"))
+    x = torch.empty((0, 4, 5, 3), device=KERNEL_DEVICE)
+    out = guided_step(torch.empty((0, 4, 5, 3), device=KERNEL_DEVICE), x, table, 0, 7.5, 2.0,
+                      nan_state(info, x.shape, KERNEL_DEVICE))  # fmt: skip
     assert out.shape == (0, 4, 5, 3)
 
 
