@@ -428,10 +428,15 @@ class DreamPoseModel(nn.Module):
         pose), timestep scalar or (B,), encoder_hidden_states (B, N, D) -> predicted noise (B, 4, h, w).
         ``channels_last``: give the UNet its input in channels_last memory format (for a UNet whose weights
         are channels_last; the output then is channels_last too)."""
-        x = torch.cat([latents, pose_window.to(latents.dtype)], dim=1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.unet_input(latents, pose_window, channels_last)
         return self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    @staticmethod
+    def unet_input(latents: torch.Tensor, pose_window: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """latents (B, 4, h, w) + pose window (B, 2 * n_poses, h, w) -> the UNet's input (B, 4 + 2 * n_poses,
+        h, w) in the latents' dtype; channels_last memory format if asked."""
+        x = torch.cat([latents, pose_window.to(latents.dtype)], dim=1)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1] (not clamped)."""

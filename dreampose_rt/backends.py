@@ -98,11 +98,6 @@ class TorchBackend(Backend):
         if self.channels_last:
             model.unet.to(memory_format=torch.channels_last)
 
-    def _unet_input(self, latents: torch.Tensor, pose_window: torch.Tensor) -> torch.Tensor:
-        """(B, 4, h, w) + (B, 2n, h, w) -> the UNet's input (B, 4 + 2n, h, w) in the backend's dtype and layout."""
-        x = torch.cat([latents.to(self.dtype), pose_window.to(self.dtype)], dim=1)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
     def describe(self) -> str:
         return super().describe() + (", channels_last" if self.channels_last else "")
 
@@ -157,7 +152,7 @@ class CompiledBackend(TorchBackend):
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
              ehs: torch.Tensor) -> torch.Tensor:
-        x = self._unet_input(latents, pose_window)
+        x = self.model.unet_input(latents.to(self.dtype), pose_window, self.channels_last)
         t = timestep.to(self.device).reshape(()).expand(x.shape[0]).contiguous()
         return self._unet(x, t, encoder_hidden_states=ehs.to(self.dtype), return_dict=False)[0].clone()
 
