@@ -45,7 +45,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['date']}; {s['frames']} frames, {s['steps']} {s['scheduler']} steps (baseline: "
         f"{s['baseline_steps'] or s['steps']} PNDM steps"
-        + (f", {s['baseline_frames']} frames batched" if s.get("baseline_frames") else "") + f"), {s['repeats']} interleaved rounds after {s['warmup']} "
+        + (f", {s['baseline_frames']} of the frames in its batched mode" if s.get("baseline_frames") else "")
+        + f"), {s['repeats']} interleaved rounds after {s['warmup']} "
         f"warm-up; timing: {result['timing']}; torch {v['torch']}"
         + (f", CUDA {v['cuda']}" if v.get("cuda") else "") + f", diffusers {v['diffusers']}"
         + (f", commit {v['git_commit'][:10]}" if v.get("git_commit") else ""),
@@ -116,7 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(
                     f"- fused guidance + update (Triton), one frame: {fused['kernel_us']:.2f} us per step "
                     # records before 2026-11-26's second GPU run timed kernel_us with do_bench, launch included
-                    + ("(L2 cold, no launch; " if "kernel_us_do_bench" in fused else "(do_bench, Python launch included; ")
+                    + ("(L2 cold, no launch; " if "kernel_us_do_bench" in fused
+                       else "(do_bench, Python launch included; ")
                     + f"{fused['achieved_GBps']:.0f} GB/s), "
                     f"{fused['graph_loop_us_per_step']:.2f} us per step in the captured loop; eager combine + "
                     f"diffusers step {fused['eager_diffusers_us_per_step']:.1f} us "

@@ -68,10 +68,11 @@ SCHEMA_VERSION = 1
 @dataclass
 class BenchSettings:
     """What to run. ``frames_per_batch=None``: all ``frames`` in one UNet call (capped by engines' limits);
-    ``baseline_steps=None``: the same as ``steps``; ``baseline_frames=None``: the baseline's batched mode renders
-all ``frames`` (it renders one frame at a time with everything recomputed, so its seconds per frame do not
-depend on how many: a smaller number saves minutes on a GPU at the same result); ``precision=None``: fp16 on CUDA, fp32 on the CPU
-    (the runtime backends; the baseline is always fp32; engines run at their own precision)."""
+    ``baseline_steps=None``: the same as ``steps``; ``baseline_frames=None``: the baseline's batched mode
+    renders all ``frames`` (it renders one frame at a time with everything recomputed, so its seconds per
+    frame do not depend on how many: fewer save minutes on a GPU at the same result); ``precision=None``:
+    fp16 on CUDA, fp32 on the CPU (the runtime backends; the baseline is always fp32; engines run at their
+    own precision); ``channels_last``: the torch and compiled backends run the UNet in channels_last."""
 
     device: str = "auto"
     model: str = "tiny"
