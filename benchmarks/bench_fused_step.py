@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from dreampose.utils import atomic_file
 from dreampose_rt.graphs import capture as capture_graph
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -247,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['eager_diffusers_us_per_step']:11.2f} {r['speedup_eager_over_kernel']:12.1f}x")  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     path = os.path.join(args.results, f"bench_fused_step_{slug}_{datetime.date.today().isoformat()}.json")
-    os.makedirs(args.results, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=2)
-    os.replace(path + ".tmp", path)  # a killed run leaves no half-written record
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written record
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0
 

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=RESULTS, help="folder for the JSON record")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from dreampose.utils import DreamPoseError
+    from dreampose.utils import DreamPoseError, atomic_file
     from dreampose_rt.runtime import resolve_device
 
     from .suite import load_model
@@ -322,12 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(record))
     compiled = "_compiled" if args.compile else ""
     name = f"bench_unet_{slug(record['device']['name'])}_{slug(args.model)}{compiled}_{today()}.json"
-    os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=2)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0
 

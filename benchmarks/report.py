@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
+
+from dreampose.utils import atomic_file
 
 from .measure import slug
 
@@ -184,16 +185,14 @@ def bar_chart(result: dict[str, Any], path: str | Path) -> None:
 def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write <stem>.json, <stem>.md and <stem>.png into ``out_dir``; returns their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = output_stem(result)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "png": out / f"{stem}.png"}
     # each file under a temporary name first, then renamed: a killed run leaves no half-written record
     for key, write in (("json", lambda p: p.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")),
                        ("markdown", lambda p: p.write_text(markdown(result), encoding="utf-8")),
                        ("png", lambda p: bar_chart(result, p))):
-        tmp = paths[key].with_name(paths[key].stem + ".tmp" + paths[key].suffix)
-        write(tmp)
-        os.replace(tmp, paths[key])
+        with atomic_file(paths[key]) as tmp:
+            write(tmp)
     for kind, p in paths.items():
         logger.info("bench: wrote %s", p)
     return paths

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from dreampose.utils import atomic_file
+
 from .bench_scheduler import RESULTS, SD_PNDM
 from .measure import device_info, today, versions
 
@@ -78,10 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"benchmark": "scheduler_warmup", "shape": [args.frames, 4, 80, 64], "runs": args.runs,
               "device": device_info(torch.device("cpu")), "versions": versions(), "pauses": result}
     path = args.out or os.path.join(RESULTS, f"scheduler_warmup_cpu_{today()}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(record, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return 0
 
