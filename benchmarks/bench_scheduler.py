@@ -1,6 +1,6 @@
 """Scheduler step timing: diffusers' PNDMScheduler.step vs ours vs ours fused with guidance.
 
-    python -m dreampose_rt.benchmarks.bench_scheduler [--frames 1 16] [--rounds 30] [--backend cpp]
+    python -m benchmarks.bench_scheduler [--frames 1 16] [--rounds 30] [--implementation cpp]
 
 Interleaved (every round runs each variant once, in a new seeded random order): each round runs one
 whole 100-step PNDM (SD 1.x config) loop per variant on the same inputs and records the mean time per
@@ -35,7 +35,9 @@ def _loop_time(step, timesteps) -> float:
     return (time.perf_counter() - t0) / len(timesteps)
 
 
-def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0)) -> dict:
+def bench(frames: int, rounds: int, steps: int, implementation: str, guidance=(7.5, 2.0)) -> dict:
+    """One shape (frames x 4 x 80 x 64): the variants' medians over ``rounds`` interleaved rounds.
+    implementation: the scheduler's ("auto", "cpp" or "python")."""
     import diffusers
 
     from dreampose_rt.scheduler import create_scheduler, guidance_combine_ref
@@ -46,8 +48,8 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
     eps = torch.randn(shape, generator=g)
     eps3 = torch.randn((3 * frames,) + shape[1:], generator=g)
     ref = diffusers.PNDMScheduler(**SD_PNDM)
-    ours = create_scheduler("pndm", SD_PNDM, backend=backend)
-    fused = create_scheduler("pndm", SD_PNDM, backend=backend)
+    ours = create_scheduler("pndm", SD_PNDM, implementation=implementation)
+    fused = create_scheduler("pndm", SD_PNDM, implementation=implementation)
     s_i, s_p = guidance
 
     variants = {
@@ -57,7 +59,7 @@ def bench(frames: int, rounds: int, steps: int, backend: str, guidance=(7.5, 2.0
         "ours_fused_combine_step": (fused, lambda t: fused.step_guided(eps3, t, x, s_i, s_p)),
     }
     if "out" in inspect.signature(ours.step).parameters:  # the same step writing into a reused buffer
-        ours_out = create_scheduler("pndm", SD_PNDM, backend=backend)
+        ours_out = create_scheduler("pndm", SD_PNDM, implementation=implementation)
         buf = torch.empty_like(x)
         variants["ours_step_out"] = (ours_out, lambda t: ours_out.step(eps, t, x, out=buf))
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -117,11 +119,16 @@ def fix_glibc_malloc(mmap_threshold: int = 1 << 26, trim_threshold: int = 1 << 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dreampose_rt.scheduler import IMPLEMENTATIONS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "python"])
+    p.add_argument(
+        "--implementation", default="auto", choices=list(IMPLEMENTATIONS),
+        help="the scheduler's implementation: the C++ core, the pure-Python one, or auto (C++ if it loads)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     p.add_argument(
         "--glibc-default-malloc", action="store_true",
@@ -136,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     from dreampose_rt.scheduler import create_scheduler
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    backend = create_scheduler("pndm", backend=args.backend).backend
+    implementation = create_scheduler("pndm", implementation=args.implementation).implementation
     ext = _ext.load_extension()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    results = [bench(f, args.rounds, args.steps, args.backend) for f in args.frames]
+    results = [bench(f, args.rounds, args.steps, args.implementation) for f in args.frames]
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     record = {
         "benchmark": "scheduler_step",
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "backend": backend,
+        "implementation": implementation,
         # 1/5/15-minute load averages around the run: the ratios move with the machine's load
         "load_average": {"before": load_before, "after": load_after},
         "glibc_malloc_fixed": malloc,
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    print(f"PNDM {args.steps} steps, SD 1.x config, backend={backend}, medians of {args.rounds} interleaved rounds")
+    print(f"PNDM {args.steps} steps, SD 1.x config, implementation={implementation}, "
+          f"medians of {args.rounds} interleaved rounds")
     print(f"{'shape':>18} {'variant':>30} {'us/step':>10} {'vs diffusers step':>18}")
     for r in results:
         med = r["median_us_per_step"]

@@ -1,5 +1,6 @@
-// The one pybind11 module of dreampose-rt: dreampose_rt._C.
-// Each op lives in its own file and registers itself through a function declared here.
+// The product pybind11 module of dreampose-rt: dreampose_rt._C.
+// Each op lives in its own file and registers itself through a function declared in registry.h.
+// (The test hooks live in a separate module, dreampose_rt._C_testing: csrc/testing/.)
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
@@ -31,5 +32,4 @@ PYBIND11_MODULE(_C, m) {
                             std::to_string(TORCH_VERSION_PATCH);
 
   register_scheduler(m);
-  register_parallel(m);
 }

@@ -4,4 +4,3 @@
 #include <pybind11/pybind11.h>
 
 void register_scheduler(pybind11::module_& m);
-void register_parallel(pybind11::module_& m);

@@ -1,9 +1,14 @@
-// pybind11 glue of the scheduler: converts options and buffers, checks them (errors name the
-// argument), fills the plain structs of scheduler/schedule.h and scheduler/step_kernel.h.
-// Buffers arrive through the buffer protocol (numpy views of CPU torch tensors), as data pointers
-// checked in Python, or as torch tensors checked here (the per-step fast path: reading a tensor's
-// dtype, device, sizes and contiguity from C++ costs nanoseconds, from Python about 1 us a step).
-// This file is the only one that sees torch; the scheduler core (scheduler/*) is plain C++17.
+// pybind11 glue of the scheduler, the one file of the scheduler that talks to torch: converts the
+// options, checks the tensor arguments (each error names the tensor: tensor_args.h) and fills the
+// plain structs of scheduler/schedule.h and scheduler/step_kernel.h; the core (scheduler/*) is plain
+// C++17 and knows nothing of torch or Python.
+//
+// One entry for a step: scheduler_bind(plan, *, sample, frames, history, saved_sample, accumulator,
+// num_threads) checks the run's fp32 state tensors once and returns a SchedulerBoundStep, whose
+// step(k, sample, model_output, out=None, scale_image=None, scale_pose=None) is the per-step call.
+// Reading a tensor's dtype, device, sizes and contiguity from C++ costs nanoseconds (from Python about
+// 1 us a step). The per-step caller passes step()'s arguments by position: pybind11 matches keyword
+// arguments at ~0.4 us a call, more than the rest of the call (~0.25 us).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/InferenceMode.h>
@@ -12,25 +17,26 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cstring>
-#include <sstream>
-#include <stdexcept>
-#include <string>
-#include <vector>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include "registry.h"
 #include "scheduler/columns.h"
 #include "scheduler/schedule.h"
 #include "scheduler/step_kernel.h"
+#include "tensor_args.h"
 
 namespace py = pybind11;
 namespace sch = dreampose_rt::scheduler;
+namespace args = dreampose_rt::args;
 
 namespace {
 
-[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+using args::bad;
 
 // Tensor::has_names() where this torch still has named tensors (removed in recent releases).
 template <typename T>
@@ -78,49 +84,6 @@ const std::initializer_list<std::pair<const char*, sch::SolverType>> kSolverType
 const std::initializer_list<std::pair<const char*, sch::FinalSigmas>> kFinalSigmas = {
     {"zero", sch::FinalSigmas::kZero}, {"sigma_min", sch::FinalSigmas::kSigmaMin}};
 
-// A checked, C-contiguous view of one buffer argument.
-struct View {
-  void* ptr = nullptr;
-  int64_t numel = 0;
-  bool half = false;
-};
-
-View view_of(const py::object& obj, const char* name, bool writable, bool fp32_only) {
-  if (obj.is_none()) bad(std::string(name) + " is required");
-  py::buffer b = py::reinterpret_borrow<py::buffer>(obj);
-  py::buffer_info info;
-  try {
-    info = b.request(writable);
-  } catch (const std::exception& e) {
-    bad(std::string(name) + ": not a " + (writable ? "writable " : "") + "buffer (" + e.what() + ")");
-  }
-  View v;
-  if (info.format == "f" && info.itemsize == 4) {
-    v.half = false;
-  } else if (info.format == "e" && info.itemsize == 2 && !fp32_only) {
-    v.half = true;
-  } else {
-    bad(std::string(name) + ": dtype must be " + (fp32_only ? "float32" : "float32 or float16") +
-        " (buffer format '" + info.format + "')");
-  }
-  int64_t expect = info.itemsize;
-  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
-    if (info.shape[d] != 1 && info.strides[d] != expect) bad(std::string(name) + " must be contiguous");
-    expect *= info.shape[d];
-  }
-  v.ptr = info.ptr;
-  v.numel = info.size;
-  return v;
-}
-
-void check_numel(const View& v, int64_t want, const char* name, const char* what) {
-  if (v.numel != want) {
-    std::ostringstream os;
-    os << name << " has " << v.numel << " elements, expected " << want << " (" << what << ")";
-    bad(os.str());
-  }
-}
-
 struct PyPlan {
   sch::Plan plan;
 
@@ -138,80 +101,18 @@ struct PyPlan {
     }
     return py::bytes(data);
   }
-
-  void step(int64_t k, const py::object& out, const py::object& sample, const py::object& model_output,
-            const py::object& history, const py::object& saved_sample, const py::object& accumulator,
-            const py::object& scale_image, const py::object& scale_pose, int num_threads) const {
-    const int64_t n = static_cast<int64_t>(plan.rows.size());
-    if (k < 0 || k >= n) {
-      std::ostringstream os;
-      os << "step index " << k << " is outside the schedule of " << n << " steps";
-      bad(os.str());
-    }
-    const sch::StepRow& row = plan.rows[k];
-    sch::StepBuffers buf;
-    sch::Guidance g;
-    const View vs = view_of(sample, "sample", false, false);
-    const View vo = view_of(out, "out", true, false);
-    const View vm = view_of(model_output, "model_output", false, false);
-    if (vo.half != vs.half || vm.half != vs.half)
-      bad("sample, model_output and out must have the same dtype");
-    buf.dtype = vs.half ? sch::DType::kFloat16 : sch::DType::kFloat32;
-    buf.numel = vs.numel;
-    buf.sample = vs.ptr;
-    buf.out = vo.ptr;
-    buf.model_output = vm.ptr;
-    check_numel(vo, vs.numel, "out", "one per sample element");
-    g.enabled = !scale_image.is_none() || !scale_pose.is_none();
-    View si, sp;
-    if (g.enabled) {
-      si = view_of(scale_image, "scale_image", false, true);
-      sp = view_of(scale_pose, "scale_pose", false, true);
-      if (si.numel < 1 || si.numel != sp.numel) bad("scale_image and scale_pose must have the same length F >= 1");
-      if (vs.numel % si.numel != 0) {
-        std::ostringstream os;
-        os << "sample has " << vs.numel << " elements, not divisible into F=" << si.numel << " frames";
-        bad(os.str());
-      }
-      check_numel(vm, 3 * vs.numel, "model_output", "3 guidance branches per sample element");
-      g.frames = si.numel;
-      g.frame_numel = vs.numel / si.numel;
-      g.scale_image = static_cast<const float*>(si.ptr);
-      g.scale_pose = static_cast<const float*>(sp.ptr);
-    } else {
-      check_numel(vm, vs.numel, "model_output", "one per sample element");
-    }
-    if (plan.num_history_slots > 0) {
-      const View h = view_of(history, "history", true, true);
-      check_numel(h, plan.num_history_slots * vs.numel, "history", "num_history_slots x sample numel");
-      for (int j = 0; j < plan.num_history_slots; ++j) buf.history[j] = static_cast<float*>(h.ptr) + j * vs.numel;
-    }
-    if (plan.uses_saved_sample) {
-      const View s = view_of(saved_sample, "saved_sample", true, true);
-      check_numel(s, vs.numel, "saved_sample", "one per sample element");
-      buf.saved_sample = static_cast<float*>(s.ptr);
-    }
-    if (plan.uses_accumulator) {
-      const View a = view_of(accumulator, "accumulator", true, true);
-      check_numel(a, vs.numel, "accumulator", "one per sample element");
-      buf.accumulator = static_cast<float*>(a.ptr);
-    }
-    py::gil_scoped_release release;
-    sch::apply_step(row, buf, g, num_threads);
-  }
 };
 
-// A run's step bound to its state once (the fast path of DiffusionScheduler.step): the state
-// pointers, the element count, the dtype and the frame count are fixed when the run's first step
-// has been checked in Python; each call then passes only the step index and the data pointers of
-// tensors that Python has checked against that signature (no buffer protocol, no py::object).
+// A run's step bound to its state once (the fast path of DiffusionScheduler.step): the plan, the
+// run's fp32 state tensors (kept alive here), the sample's sizes and dtype, and the frame count are
+// checked and fixed by scheduler_bind; each step() then only checks that its tensors match them.
 struct PyBoundStep {
-  py::object plan_owner;   // the SchedulerPlan (its rows are read)
-  py::object state_owner;  // keeps the state tensors alive
+  py::object plan_owner;  // the SchedulerPlan (its rows are read)
   const sch::Plan* plan = nullptr;
-  sch::StepBuffers buf;
+  at::Tensor history, saved_sample, accumulator;  // the run's fp32 state (undefined when unused)
+  sch::StepBuffers buf;  // the state pointers, dtype and numel (out/sample/model_output set per step)
   int64_t frames = 1;
-  std::vector<float> uniform_image, uniform_pose;  // scratch for scalar guidance scales
+  std::vector<float> uniform_image, uniform_pose;  // scratch for scales given as one value
   int num_threads = 0;
   std::vector<int64_t> sizes;  // of the sample the binding was made for
   at::ScalarType dtype = at::kFloat;
@@ -226,13 +127,12 @@ struct PyBoundStep {
     return plan->rows[k];
   }
 
-  void run(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output, const sch::Guidance& g) const {
-    const sch::StepRow& r = row(k);
+  void run(const sch::StepRow& r, void* out, const void* sample, const void* model_output,
+           const sch::Guidance& g) const {
     sch::StepBuffers b = buf;
-    b.out = reinterpret_cast<void*>(out);
-    b.sample = reinterpret_cast<const void*>(sample);
-    b.model_output = reinterpret_cast<const void*>(model_output);
-    if (!b.out || !b.sample || !b.model_output) bad("out, sample and model_output must be non-null");
+    b.out = out;
+    b.sample = sample;
+    b.model_output = model_output;
     // Below ~64K elements the step takes a few us: releasing the GIL would cost more than it frees.
     if (b.numel >= (int64_t(1) << 16)) {
       py::gil_scoped_release release;
@@ -242,29 +142,31 @@ struct PyBoundStep {
     }
   }
 
-  void step(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output) const {
-    run(k, out, sample, model_output, sch::Guidance{});
-  }
-
-  void step_guided(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output, uintptr_t scale_image,
-                   uintptr_t scale_pose) const {
-    if (!scale_image || !scale_pose) bad("scale_image and scale_pose must be non-null");
-    sch::Guidance g;
-    g.enabled = true;
-    g.frames = frames;
-    g.frame_numel = buf.numel / frames;
-    g.scale_image = reinterpret_cast<const float*>(scale_image);
-    g.scale_pose = reinterpret_cast<const float*>(scale_pose);
-    run(k, out, sample, model_output, g);
-  }
-
-  // Same scales for every frame: s_I, s_p rounded to float32 as torch.full(..., dtype=float32) does.
-  void step_guided_uniform(int64_t k, uintptr_t out, uintptr_t sample, uintptr_t model_output, double scale_image,
-                           double scale_pose) {
-    std::fill(uniform_image.begin(), uniform_image.end(), static_cast<float>(scale_image));
-    std::fill(uniform_pose.begin(), uniform_pose.end(), static_cast<float>(scale_pose));
-    step_guided(k, out, sample, model_output, reinterpret_cast<uintptr_t>(uniform_image.data()),
-                reinterpret_cast<uintptr_t>(uniform_pose.data()));
+  // The F guidance scales of `s` (named `name`): a Python float or int (the same for every frame,
+  // rounded to float32 as torch.full(..., dtype=torch.float32) does), or a CPU float32 tensor of F or
+  // 1 values. A single value is spread over `uniform`.
+  const float* scales(py::handle s, const char* name, std::vector<float>& uniform) const {
+    PyObject* o = s.ptr();
+    float value;
+    if (PyFloat_Check(o) || (PyLong_Check(o) && !PyBool_Check(o))) {
+      const double v = PyFloat_AsDouble(o);
+      if (v == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+      value = static_cast<float>(v);
+    } else {
+      if (!THPVariable_Check(o))
+        bad(std::string(name) + " must be a float or a CPU float32 tensor, got " + Py_TYPE(o)->tp_name);
+      const at::Tensor& t = THPVariable_Unpack(o);
+      args::check_cpu_contiguous(t, name, {at::kFloat});
+      if (t.numel() == frames) return t.data_ptr<float>();
+      if (t.numel() != 1) {
+        std::ostringstream os;
+        os << "1 or " << frames << " (one per frame)";
+        args::check_numel(t, frames, name, os.str());
+      }
+      value = *t.data_ptr<float>();
+    }
+    std::fill(uniform.begin(), uniform.end(), value);
+    return uniform.data();
   }
 
   // Point the binding at another run's plan (a new set_timesteps) that needs no more buffers than it has.
@@ -352,17 +254,36 @@ struct PyBoundStep {
     return &t;
   }
 
-  // The per-step fast path: step k on tensors that match the binding; `out` None: a new tensor.
-  // Returns the tensor written, or None when a tensor does not match (the caller then takes its
-  // checked path, which names the problem). guided: model_output holds the three branches.
-  py::object step_tensors(int64_t k, py::handle out, py::handle sample, py::handle model_output, bool guided,
-                          double scale_image, double scale_pose) {
+  // Step k: writes prev_sample into `out` (None: a new tensor, or a recycled earlier output) and
+  // updates the state. Unguided when both scales are None; guided (model_output holds the three
+  // branches, 3F rows) when both are given. Returns the tensor written, or None when sample,
+  // model_output or out does not match the binding (another dtype, device, shape or layout, a tensor
+  // subclass): the caller then takes its checked path, which re-binds or names the problem.
+  py::object step(int64_t k, py::handle sample, py::handle model_output, py::handle out, py::handle scale_image,
+                  py::handle scale_pose) {
+    const bool guided = !scale_image.is_none() || !scale_pose.is_none();
     const at::Tensor* x = match(sample.ptr(), 1);
     const at::Tensor* m = x ? match(model_output.ptr(), guided ? 3 : 1) : nullptr;
     if (m == nullptr) return py::none();
+    const at::Tensor* o = nullptr;
+    if (!out.is_none()) {
+      o = match(out.ptr(), 1);
+      if (o == nullptr) return py::none();
+    }
+    const sch::StepRow& r = row(k);
+    sch::Guidance g;
+    if (guided) {
+      if (scale_image.is_none() || scale_pose.is_none())
+        bad("scale_image and scale_pose must be given together (a guided step) or both be None");
+      g.enabled = true;
+      g.frames = frames;
+      g.frame_numel = buf.numel / frames;
+      g.scale_image = scales(scale_image, "scale_image", uniform_image);
+      g.scale_pose = scales(scale_pose, "scale_pose", uniform_pose);
+    }
     py::object result;
     void* out_ptr;
-    if (out.is_none()) {
+    if (o == nullptr) {
       result = recycled_output();
       if (result) {
         out_ptr = THPVariable_Unpack(result.ptr()).data_ptr();
@@ -373,63 +294,75 @@ struct PyBoundStep {
       }
       keep_output(result, out_ptr);
     } else {
-      const at::Tensor* o = match(out.ptr(), 1);
-      if (o == nullptr) return py::none();
       out_ptr = o->data_ptr();
       result = py::reinterpret_borrow<py::object>(out);
     }
-    const auto o = reinterpret_cast<uintptr_t>(out_ptr), xs = reinterpret_cast<uintptr_t>(x->data_ptr()),
-               ms = reinterpret_cast<uintptr_t>(m->data_ptr());
-    if (guided) {
-      step_guided_uniform(k, o, xs, ms, scale_image, scale_pose);
-    } else {
-      step(k, o, xs, ms);
-    }
+    run(r, out_ptr, x->data_ptr(), m->data_ptr(), g);
     return result;
   }
 };
 
-PyBoundStep bind_plan(const py::object& plan_obj, const py::object& sample, int64_t frames, uintptr_t history,
-                      uintptr_t saved_sample, uintptr_t accumulator, const py::object& state_owner,
-                      int num_threads) {
+// A state tensor argument: undefined for None, else a checked CPU float32 contiguous tensor.
+at::Tensor state_arg(py::handle obj, const char* name) {
+  if (obj.is_none()) return at::Tensor();
+  const at::Tensor& t = args::tensor(obj, name);
+  args::check_cpu_contiguous(t, name, {at::kFloat});
+  return t;
+}
+
+// Checks a state buffer against the plan's needs: required and of `want` elements when `used`,
+// None otherwise.
+void check_state(const at::Tensor& t, bool used, int64_t want, const char* name, const std::string& expected,
+                 const char* what) {
+  if (!used) {
+    if (t.defined()) bad(std::string(name) + " is given but the plan does not use " + what + " (pass None)");
+    return;
+  }
+  if (!t.defined()) bad(std::string(name) + " is required: the plan uses " + what + " (" + expected + ")");
+  args::check_numel(t, want, name, expected);
+}
+
+PyBoundStep bind_plan(const py::object& plan_obj, py::handle sample, int64_t frames, py::handle history,
+                      py::handle saved_sample, py::handle accumulator, int num_threads) {
   const PyPlan& p = plan_obj.cast<const PyPlan&>();
-  if (!THPVariable_Check(sample.ptr())) bad("sample must be a torch tensor");
-  const at::Tensor& t = THPVariable_Unpack(sample.ptr());
-  if (t.dim() < 1) bad("sample must have a frame dimension");
-  if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kHalf) bad("sample must be float32 or float16");
+  const at::Tensor& t = args::tensor(sample, "sample");
+  args::check_cpu_contiguous(t, "sample", {at::kFloat, at::kHalf});
+  if (t.dim() < 1) bad("sample must have a frame dimension, got a 0-d tensor");
   const int64_t numel = t.numel();
-  const bool half = t.scalar_type() == at::kHalf;
-  if (numel < 1) bad("numel must be >= 1");
+  if (numel < 1) bad("sample has no elements");
   if (frames < 1 || numel % frames != 0) {
     std::ostringstream os;
-    os << "sample has " << numel << " elements, not divisible into F=" << frames << " frames";
+    os << "sample has " << numel << " elements, not divisible into frames=" << frames;
     bad(os.str());
   }
+  if (num_threads < 0) bad("num_threads must be >= 0, got " + std::to_string(num_threads));
   PyBoundStep b;
   b.plan_owner = plan_obj;
-  b.state_owner = state_owner;
   b.plan = &p.plan;
   b.frames = frames;
   b.num_threads = num_threads;
   b.uniform_image.assign(static_cast<size_t>(frames), 0.f);
   b.uniform_pose.assign(static_cast<size_t>(frames), 0.f);
-  b.buf.dtype = half ? sch::DType::kFloat16 : sch::DType::kFloat32;
+  b.buf.dtype = t.scalar_type() == at::kHalf ? sch::DType::kFloat16 : sch::DType::kFloat32;
   b.buf.numel = numel;
   b.sizes.assign(t.sizes().begin(), t.sizes().end());
   b.dtype = t.scalar_type();
-  if (p.plan.num_history_slots > 0) {
-    if (!history) bad("history is required");
-    for (int j = 0; j < p.plan.num_history_slots; ++j)
-      b.buf.history[j] = reinterpret_cast<float*>(history) + j * numel;
-  }
-  if (p.plan.uses_saved_sample) {
-    if (!saved_sample) bad("saved_sample is required");
-    b.buf.saved_sample = reinterpret_cast<float*>(saved_sample);
-  }
-  if (p.plan.uses_accumulator) {
-    if (!accumulator) bad("accumulator is required");
-    b.buf.accumulator = reinterpret_cast<float*>(accumulator);
-  }
+
+  const int slots = p.plan.num_history_slots;
+  b.history = state_arg(history, "history");
+  std::ostringstream hist;
+  hist << slots << " x " << numel << " (num_history_slots x sample numel)";
+  check_state(b.history, slots > 0, slots * numel, "history", hist.str(), "a history of past outputs");
+  for (int j = 0; j < slots; ++j) b.buf.history[j] = b.history.data_ptr<float>() + j * numel;
+
+  const std::string one_each = std::to_string(numel) + " (one per sample element)";
+  b.saved_sample = state_arg(saved_sample, "saved_sample");
+  check_state(b.saved_sample, p.plan.uses_saved_sample, numel, "saved_sample", one_each, "a saved sample");
+  if (p.plan.uses_saved_sample) b.buf.saved_sample = b.saved_sample.data_ptr<float>();
+
+  b.accumulator = state_arg(accumulator, "accumulator");
+  check_state(b.accumulator, p.plan.uses_accumulator, numel, "accumulator", one_each, "an accumulator");
+  if (p.plan.uses_accumulator) b.buf.accumulator = b.accumulator.data_ptr<float>();
   return b;
 }
 
@@ -477,32 +410,25 @@ void register_scheduler(py::module_& m) {
       .def_property_readonly("num_history_slots", [](const PyPlan& p) { return p.plan.num_history_slots; })
       .def_property_readonly("uses_saved_sample", [](const PyPlan& p) { return p.plan.uses_saved_sample; })
       .def_property_readonly("uses_accumulator", [](const PyPlan& p) { return p.plan.uses_accumulator; })
-      .def("table", &PyPlan::table, "Row-major float32 bytes, (num_steps, num_columns).")
-      .def("step", &PyPlan::step, py::arg("k"), py::arg("out"), py::arg("sample"), py::arg("model_output"),
-           py::arg("history") = py::none(), py::arg("saved_sample") = py::none(),
-           py::arg("accumulator") = py::none(), py::arg("scale_image") = py::none(),
-           py::arg("scale_pose") = py::none(), py::arg("num_threads") = 0,
-           "Apply step k: out = row k applied to the buffers; updates history/saved_sample/accumulator.");
+      .def("table", &PyPlan::table, "Row-major float32 bytes, (num_steps, num_columns).");
 
   py::class_<PyBoundStep>(m, "SchedulerBoundStep",
-                          "A run's step bound to its state buffers (internal: takes raw data pointers that the "
-                          "caller has checked against the bound numel, dtype and frames).")
-      .def("step", &PyBoundStep::step, py::arg("k"), py::arg("out"), py::arg("sample"), py::arg("model_output"))
-      .def("step_guided", &PyBoundStep::step_guided, py::arg("k"), py::arg("out"), py::arg("sample"),
-           py::arg("model_output"), py::arg("scale_image"), py::arg("scale_pose"))
-      .def("step_guided_uniform", &PyBoundStep::step_guided_uniform, py::arg("k"), py::arg("out"),
-           py::arg("sample"), py::arg("model_output"), py::arg("scale_image"), py::arg("scale_pose"))
+                          "A run's step bound to its plan and fp32 state tensors (made by scheduler_bind).")
+      .def("step", &PyBoundStep::step, py::arg("k"), py::arg("sample"), py::arg("model_output"),
+           py::arg("out") = py::none(), py::arg("scale_image") = py::none(), py::arg("scale_pose") = py::none(),
+           "Step k of the plan on CPU tensors like the bound sample: writes prev_sample into `out` (None: a new "
+           "tensor) and updates the state. Guided when scale_image and scale_pose are given (floats, or CPU "
+           "float32 tensors of F or 1 values; model_output then holds 3F rows, branch-major). Returns the "
+           "tensor written, or None when sample, model_output or out does not match the binding. (Keywords work; "
+           "a per-step caller passes the arguments by position: pybind11 matches keywords at ~0.4 us a call.)")
       .def("set_plan", &PyBoundStep::set_plan, py::arg("plan"),
-           "Use another plan with the same buffers (checked: the plan needs no buffer that is not bound).")
-      .def("step_tensors", &PyBoundStep::step_tensors, py::arg("k"), py::arg("out"), py::arg("sample"),
-           py::arg("model_output"), py::arg("guided") = false, py::arg("scale_image") = 0.0,
-           py::arg("scale_pose") = 0.0,
-           "Step k on tensors that match the binding (out None: a new tensor); the tensor written, or None "
-           "when a tensor does not match.");
-  m.def("scheduler_bind", &bind_plan, py::arg("plan"), py::arg("sample"), py::arg("frames"), py::arg("history"),
-        py::arg("saved_sample"), py::arg("accumulator"), py::arg("state_owner"), py::arg("num_threads") = 0,
-        "Bind a plan to a run's fp32 state buffers (data pointers; 0 for an unused buffer) for samples shaped "
-        "and typed like `sample`.");
+           "Use another plan with the same buffers (checked: the plan needs no buffer that is not bound).");
+  m.def("scheduler_bind", &bind_plan, py::arg("plan"), py::kw_only(), py::arg("sample"), py::arg("frames"),
+        py::arg("history"), py::arg("saved_sample"), py::arg("accumulator"), py::arg("num_threads") = 0,
+        "Bind a plan to a run's fp32 state tensors (CPU, contiguous; None for a buffer the plan does not use: "
+        "history num_history_slots x sample numel elements, saved_sample and accumulator sample numel each) "
+        "for samples shaped and typed like `sample` (CPU float32 or float16, `frames` frames). Checks every "
+        "tensor (errors name it) and keeps the state tensors alive.");
 
   m.def("scheduler_make_plan", [](const sch::Config& cfg, int n) { return PyPlan{sch::make_plan(cfg, n)}; },
         py::arg("config"), py::arg("num_inference_steps"));
@@ -511,18 +437,5 @@ void register_scheduler(py::module_& m) {
   m.def("scheduler_table_columns", []() {
     std::vector<std::string> names(std::begin(sch::kTableColumns), std::end(sch::kTableColumns));
     return names;
-  });
-  m.def("half_to_float", &sch::half_to_float);
-  m.def("float_to_half", &sch::float_to_half);
-  // Bulk conversion of a buffer (what the data plane uses): (src, dst) of equal numel.
-  m.def("convert_half_to_float", [](const py::object& src, const py::object& dst) {
-    const View s = view_of(src, "src", false, false), d = view_of(dst, "dst", true, true);
-    if (!s.half || s.numel != d.numel) bad("src must be float16 with as many elements as dst");
-    sch::convert_half_to_float(static_cast<const uint16_t*>(s.ptr), static_cast<float*>(d.ptr), s.numel);
-  });
-  m.def("convert_float_to_half", [](const py::object& src, const py::object& dst) {
-    const View s = view_of(src, "src", false, true), d = view_of(dst, "dst", true, false);
-    if (!d.half || s.numel != d.numel) bad("dst must be float16 with as many elements as src");
-    sch::convert_float_to_half(static_cast<const float*>(s.ptr), static_cast<uint16_t*>(d.ptr), s.numel);
   });
 }

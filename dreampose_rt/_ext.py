@@ -1,9 +1,11 @@
 """Loads the native extension ``dreampose_rt._C`` once and remembers why it failed, if it did.
 
-Callers ask :func:`load_extension` (the module or ``None``) and :func:`extension_error` (the reason);
-each op decides whether to fall back and says so once (see ``dreampose_rt.scheduler``). The extension
-is compiled against torch's headers, so it is refused (with the reason) under another torch version.
-Set ``DREAMPOSE_RT_NO_EXT=1`` to run as if the extension were missing.
+Callers ask :func:`load_extension` (the module or ``None``) and :func:`extension_availability` (an
+:class:`~dreampose_rt.availability.Availability`: loaded, or the reason it is not); each op decides
+whether to fall back and says so once (see ``dreampose_rt.scheduler``). The extension is compiled against
+torch's headers, so it is refused (with the reason) under another torch version. Set
+``DREAMPOSE_RT_NO_EXT=1`` to run as if the extension were missing. (The tests' hooks live in a separate
+module, ``dreampose_rt._C_testing``, which nothing here loads.)
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import re
 import threading
 from types import ModuleType
+
+from .availability import Availability
 
 _lock = threading.Lock()
 _tried = False
@@ -27,7 +31,7 @@ def torch_release(version: str) -> str:
 
 
 def load_extension() -> ModuleType | None:
-    """Return ``dreampose_rt._C``, or ``None`` if it cannot be imported (reason: :func:`extension_error`)."""
+    """Return ``dreampose_rt._C``, or ``None`` if it cannot be imported (why: :func:`extension_availability`)."""
     global _tried, _module, _error
     if _tried:
         return _module
@@ -56,7 +60,9 @@ def load_extension() -> ModuleType | None:
     return _module
 
 
-def extension_error() -> str | None:
-    """Why :func:`load_extension` returned ``None`` (``None`` if it loaded or was not tried yet)."""
-    load_extension()
-    return _error
+def extension_availability() -> Availability:
+    """Whether ``dreampose_rt._C`` loaded (and the torch it was built against), or why not (loads it if needed)."""
+    mod = load_extension()
+    if mod is None:
+        return Availability(False, _error or "dreampose_rt._C did not load")
+    return Availability(True, f"dreampose_rt._C built against torch {getattr(mod, 'torch_version', '?')}")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -26,11 +27,11 @@ from dreampose_rt.scheduler import (
     native_core,
     table_step_ref,
 )
-from dreampose_rt.scheduler import _reference, schedulers as sched_mod
+from dreampose_rt.scheduler import python_core, schedulers as sched_mod
 from dreampose_rt.scheduler.table import WRITE_SLOT, TableInfo
 
 HAVE_CPP = native_core() is not None
-BACKENDS = ["cpp", "python"]
+IMPLEMENTATIONS = ["cpp", "python"]
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SD_PNDM = dict(SD, steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
 DIFFUSERS = {
@@ -48,9 +49,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return err
 
 
-def need(backend: str) -> None:
-    if backend == "cpp" and not HAVE_CPP:
-        pytest.fail("the extension dreampose_rt._C did not load: " + str(sched_mod.native_core_error()))
+def _testing_hooks():
+    """dreampose_rt._C_testing: the tests' hooks into the C++ core (built beside _C by setup.py)."""
+    try:
+        return importlib.import_module("dreampose_rt._C_testing")
+    except ImportError as exc:
+        pytest.fail(f"dreampose_rt._C_testing did not load ({exc}): `pip install --no-build-isolation -e .`")
+
+
+def need(implementation: str) -> None:
+    if implementation == "cpp" and not HAVE_CPP:
+        pytest.fail("the extension dreampose_rt._C did not load: " + sched_mod.native_core_availability().reason)
 
 
 def diffusers_scheduler(name: str, options: dict):
@@ -76,8 +85,8 @@ def run_diffusers(name, options, n, x, outs):
     return x, d.timesteps.tolist()
 
 
-def run_ours(name, options, n, x, outs, backend):
-    s = create_scheduler(name, options, backend=backend)
+def run_ours(name, options, n, x, outs, implementation):
+    s = create_scheduler(name, options, implementation=implementation)
     s.set_timesteps(n)
     for i, t in enumerate(s.timesteps):
         x = s.step(outs[i], t, x).prev_sample
@@ -112,7 +121,7 @@ def test_timesteps_identical_to_diffusers_for_1_to_1000_steps(name, spacing, off
         except ValueError:  # diffusers refuses PNDM's Runge-Kutta warm-up with n < 4 (as we do)
             want = None
         try:
-            got_py = _reference.timesteps(cfg, n)
+            got_py = python_core.timesteps(cfg, n)
         except ValueError:
             got_py = None
         assert got_py == want, (n, got_py[:8] if got_py else got_py, want[:8] if want else want)
@@ -124,12 +133,12 @@ def test_timesteps_identical_to_diffusers_for_1_to_1000_steps(name, spacing, off
             assert got_cpp == want, n
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", ["pndm", "ddim", "dpmpp"])
-def test_set_timesteps_gives_diffusers_timesteps(backend, name):
-    need(backend)
+def test_set_timesteps_gives_diffusers_timesteps(implementation, name):
+    need(implementation)
     opts = SD_PNDM if name == "pndm" else SD
-    s = create_scheduler(name, opts, backend=backend)
+    s = create_scheduler(name, opts, implementation=implementation)
     d = diffusers_scheduler(name, opts)
     for n in (1, 2, 3, 7, 20, 25, 50, 100, 250):
         s.set_timesteps(n)
@@ -139,11 +148,11 @@ def test_set_timesteps_gives_diffusers_timesteps(backend, name):
         assert s.coefficient_table().shape == (len(d.timesteps), NUM_COLUMNS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
-def test_alphas_cumprod_bit_identical(backend, schedule):
-    need(backend)
-    s = create_scheduler("ddim", beta_schedule=schedule, backend=backend)
+def test_alphas_cumprod_bit_identical(implementation, schedule):
+    need(implementation)
+    s = create_scheduler("ddim", beta_schedule=schedule, implementation=implementation)
     d = diffusers.DDIMScheduler(beta_schedule=schedule)
     assert torch.equal(s.alphas_cumprod, d.alphas_cumprod)
 
@@ -169,25 +178,25 @@ RUN_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", list(RUN_CASES))
-def test_full_run_matches_diffusers(backend, case):
-    need(backend)
+def test_full_run_matches_diffusers(implementation, case):
+    need(implementation)
     name, opts, n = RUN_CASES[case]
     x, outs = random_run(n)
     want, ts = run_diffusers(name, opts, n, x, outs)
-    got, s = run_ours(name, opts, n, x, outs, backend)
+    got, s = run_ours(name, opts, n, x, outs, implementation)
     assert s.timesteps.tolist() == ts
     assert got.dtype == want.dtype and got.shape == want.shape
     assert rel(got, want) <= 1e-6
 
 
-@pytest.mark.skipif(not HAVE_CPP, reason="compares the two backends; the extension did not load")
+@pytest.mark.skipif(not HAVE_CPP, reason="compares the two implementations; the extension did not load")
 @pytest.mark.parametrize("case", list(RUN_CASES))
 def test_cpp_and_python_agree(case):
     name, opts, n = RUN_CASES[case]
-    a = create_scheduler(name, opts, backend="cpp")
-    b = create_scheduler(name, opts, backend="python")
+    a = create_scheduler(name, opts, implementation="cpp")
+    b = create_scheduler(name, opts, implementation="python")
     a.set_timesteps(n)
     b.set_timesteps(n)
     assert a.timesteps.tolist() == b.timesteps.tolist()
@@ -203,14 +212,14 @@ def test_cpp_and_python_agree(case):
 # ------------------------------------------------------------------------------------------------
 # The coefficient table
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", ["pndm-plms-100", "pndm-prk-100", "ddim-50", "dpmpp-25", "dpmpp-10-lower-order-final"])
-def test_table_driven_step_reproduces_the_loop(backend, case):
+def test_table_driven_step_reproduces_the_loop(implementation, case):
     """Only the table row and the buffers: no scheduler object in the loop. The state buffers start
     as NaN, so reading a slot before it is written (or a zero-weight term) would poison the result."""
-    need(backend)
+    need(implementation)
     name, opts, n = RUN_CASES[case]
-    s = create_scheduler(name, opts, backend=backend)
+    s = create_scheduler(name, opts, implementation=implementation)
     s.set_timesteps(n)
     table = s.coefficient_table()
     info = TableInfo.of(table)
@@ -235,23 +244,23 @@ def test_table_driven_step_reproduces_the_loop(backend, case):
 
 def test_table_layout_is_shared_with_cpp():
     if not HAVE_CPP:
-        pytest.fail("the extension did not load: " + str(sched_mod.native_core_error()))
+        pytest.fail("the extension did not load: " + sched_mod.native_core_availability().reason)
     assert tuple(native_core().scheduler_table_columns()) == COLUMNS
     assert NUM_COLUMNS == len(COLUMNS) == 15
 
 
 def test_table_marks_pndm_buffers():
-    s = create_scheduler("pndm", SD_PNDM, backend="python")
+    s = create_scheduler("pndm", SD_PNDM, implementation="python")
     s.set_timesteps(10)
     t = s.coefficient_table()
     info = s.table_info
     assert info.num_history_slots == 3 and info.uses_saved_sample and not info.uses_accumulator
     assert t[0, COLUMNS.index("save_sample")] == 1 and t[1, COLUMNS.index("os")] != 0  # PLMS step 1 restarts from S
     assert (t[-1, COLUMNS.index("write_slot")] == -1).item()
-    prk = create_scheduler("pndm", dict(SD_PNDM, skip_prk_steps=False), backend="python")
+    prk = create_scheduler("pndm", dict(SD_PNDM, skip_prk_steps=False), implementation="python")
     prk.set_timesteps(10)
     assert prk.table_info.uses_accumulator
-    ddim = create_scheduler("ddim", SD, backend="python")
+    ddim = create_scheduler("ddim", SD, implementation="python")
     ddim.set_timesteps(10)
     assert ddim.table_info == TableInfo(0, False, False)
 
@@ -259,18 +268,18 @@ def test_table_marks_pndm_buffers():
 # ------------------------------------------------------------------------------------------------
 # Guidance + step fused
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name,frames,per_frame", [("pndm", 1, False), ("pndm", 3, True), ("dpmpp", 2, False), ("ddim", 3, True)])
-def test_fused_guidance_equals_combine_then_step(backend, name, frames, per_frame):
-    need(backend)
+def test_fused_guidance_equals_combine_then_step(implementation, name, frames, per_frame):
+    need(implementation)
     n = 12
     opts = SD_PNDM if name == "pndm" else SD
     shape = (frames, 4, 20, 16)
     x, outs = random_run(n, shape=shape, seed=3, rows=3)
     s_i = torch.linspace(1.5, 7.5, frames) if per_frame else 7.5
     s_p = torch.linspace(0.5, 3.0, frames) if per_frame else 2.0
-    fused = create_scheduler(name, opts, backend=backend)
-    plain = create_scheduler(name, opts, backend=backend)
+    fused = create_scheduler(name, opts, implementation=implementation)
+    plain = create_scheduler(name, opts, implementation=implementation)
     fused.set_timesteps(n)
     plain.set_timesteps(n)
     a = b = x
@@ -291,18 +300,18 @@ def test_guidance_combine_ref_is_the_projects_formula():
 # ------------------------------------------------------------------------------------------------
 # fp16
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", ["pndm", "ddim", "dpmpp"])
-def test_fp16_inputs(backend, name):
+def test_fp16_inputs(implementation, name):
     """fp16 in, fp16 out, fp32 arithmetic: a run on fp16 tensors stays within fp16 rounding of fp32."""
-    need(backend)
+    need(implementation)
     n = 20
     opts = SD_PNDM if name == "pndm" else SD
     x, outs = random_run(n, shape=(2, 4, 16, 12), seed=4, rows=3)
     x = x.half().float()
     outs = [o.half() for o in outs]
-    s16 = create_scheduler(name, opts, backend=backend)
-    s32 = create_scheduler(name, opts, backend=backend)
+    s16 = create_scheduler(name, opts, implementation=implementation)
+    s32 = create_scheduler(name, opts, implementation=implementation)
     s16.set_timesteps(n)
     s32.set_timesteps(n)
     a, b = x.half(), x
@@ -316,21 +325,29 @@ def test_fp16_inputs(backend, name):
 
 def test_half_conversions_are_exact():
     if not HAVE_CPP:
-        pytest.fail("the extension did not load: " + str(sched_mod.native_core_error()))
-    C = native_core()
-    h = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
-    f = np.empty(65536, np.float32)
-    C.convert_half_to_float(h, f)
-    want = h.astype(np.float32)
-    assert np.array_equal(f.view(np.uint32), want.view(np.uint32))
+        pytest.fail("the extension did not load: " + sched_mod.native_core_availability().reason)
+    T = _testing_hooks()
+    h = torch.from_numpy(np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16))
+    f = torch.empty(65536)
+    T.convert_half_to_float(h, f)
+    want = h.numpy().astype(np.float32)
+    assert np.array_equal(f.numpy().view(np.uint32), want.view(np.uint32))
     finite = want[np.isfinite(want)]
     up = np.nextafter(finite, np.float32(np.inf))
     mid = ((finite.astype(np.float64) + up) / 2).astype(np.float32)  # ties: round to even
     vals = np.concatenate([finite, up, mid, np.float32([np.inf, -np.inf, 65519.0, 65520.0, 1e-8, -3e-8])])
-    out = np.empty(len(vals), np.float16)
-    C.convert_float_to_half(vals, out)
-    assert np.array_equal(out.view(np.uint16), vals.astype(np.float16).view(np.uint16))
-    assert C.float_to_half(1.0) == 0x3C00 and C.half_to_float(0x3C00) == 1.0
+    out = torch.empty(len(vals), dtype=torch.float16)
+    T.convert_float_to_half(torch.from_numpy(vals), out)
+    with np.errstate(over="ignore"):  # numpy's own cast warns where it rounds to inf
+        want16 = vals.astype(np.float16)
+    assert np.array_equal(out.numpy().view(np.uint16), want16.view(np.uint16))
+    assert T.float_to_half(1.0) == 0x3C00 and T.half_to_float(0x3C00) == 1.0
+    with pytest.raises(ValueError, match=r"dst has 3 elements, expected 65536 \(one per element of src\)"):
+        T.convert_half_to_float(h, torch.empty(3))
+    with pytest.raises(ValueError, match="src must be torch.float16, got torch.float32"):
+        T.convert_half_to_float(f, f)
+    with pytest.raises(ValueError, match="src must be a torch tensor, got numpy.ndarray"):
+        T.convert_float_to_half(vals, out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,7 +410,7 @@ def test_scheduler_defaults_follow_diffusers():
         (lambda: create_scheduler("dpmpp", thresholding=True), "thresholding"),
         (lambda: create_scheduler("dpmpp", algorithm_type="sde-dpmsolver++"), "algorithm_type"),
         (lambda: create_scheduler("dpmpp", solver_order=3), "solver_order"),
-        (lambda: create_scheduler("pndm", backend="cuda"), "cuda"),
+        (lambda: create_scheduler("pndm", implementation="cuda"), "cuda"),
         (lambda: create_scheduler("pndm").set_timesteps(0), "num_inference_steps"),
         (lambda: create_scheduler("pndm").set_timesteps(1001), "1001"),
         (lambda: create_scheduler("pndm", skip_prk_steps=False).set_timesteps(3), ">= 4"),
@@ -405,10 +422,10 @@ def test_errors_name_the_value(call, match):
         call()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_step_errors(backend):
-    need(backend)
-    s = create_scheduler("pndm", SD_PNDM, backend=backend)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_step_errors(implementation):
+    need(implementation)
+    s = create_scheduler("pndm", SD_PNDM, implementation=implementation)
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match="before set_timesteps"):
         s.step(x, 981, x)
@@ -433,16 +450,126 @@ def test_step_errors(backend):
 
 
 @pytest.mark.skipif(not HAVE_CPP, reason="checks the C++ binding's own argument checks")
-def test_binding_checks_name_the_argument():
-    s = create_scheduler("ddim", SD, backend="cpp")
+def test_bind_checks_each_tensor_and_names_it():
+    """scheduler_bind checks the sample and the state tensors in C++ (dtype, CPU, contiguity, element
+    counts against the plan's needs); each error names the tensor."""
+    C = native_core()
+    s = create_scheduler("pndm", SD_PNDM, implementation="cpp")  # PLMS: 3 history slots and a saved sample
+    s.set_timesteps(10)
+    x = torch.randn(2, 4, 10, 12)
+    n = x.numel()
+    ok = dict(sample=x, frames=2, history=torch.empty(3, *x.shape), saved_sample=torch.empty_like(x), accumulator=None)
+
+    def bind(**changes):
+        return C.scheduler_bind(s._plan, **{**ok, **changes})
+
+    assert isinstance(bind(), C.SchedulerBoundStep)
+    cases = [
+        (dict(history=torch.empty(1000)),
+         rf"history has 1000 elements, expected 3 x {n} \(num_history_slots x sample numel\)"),
+        (dict(history=torch.empty(2, *x.shape)), rf"history has {2 * n} elements, expected 3 x {n}"),
+        (dict(history=torch.empty(3, *x.shape, dtype=torch.float64)),
+         "history must be torch.float32, got torch.float64"),
+        (dict(history=torch.empty(*x.shape, 3).movedim(-1, 0)), r"history must be contiguous \(call .contiguous\(\)\)"),
+        (dict(history=torch.empty(3, *x.shape, device="meta")), "history must be a CPU tensor, got one on meta"),
+        (dict(history=None), "history is required"),
+        (dict(history=np.zeros((3, n), np.float32)), "history must be a torch tensor, got numpy.ndarray"),
+        (dict(saved_sample=torch.empty(n + 1)),
+         rf"saved_sample has {n + 1} elements, expected {n} \(one per sample element\)"),
+        (dict(saved_sample=x.half()), "saved_sample must be torch.float32, got torch.float16"),
+        (dict(accumulator=torch.empty_like(x)),
+         r"accumulator is given but the plan does not use an accumulator \(pass None\)"),
+        (dict(sample=x.double()), "sample must be torch.float32 or torch.float16, got torch.float64"),
+        (dict(sample=x.to("meta")), "sample must be a CPU tensor, got one on meta"),
+        (dict(sample=x.transpose(2, 3)), "sample must be contiguous"),
+        (dict(sample=torch.tensor(1.0)), "sample must have a frame dimension"),
+        (dict(frames=7), "sample has 960 elements, not divisible into frames=7"),
+    ]
+    for changes, match in cases:
+        with pytest.raises(ValueError, match=match):
+            bind(**changes)
+    prk = create_scheduler("pndm", dict(SD_PNDM, skip_prk_steps=False), implementation="cpp")
+    prk.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"accumulator is required: the plan uses an accumulator \(960 \(one per"):
+        C.scheduler_bind(prk._plan, **ok)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="checks the C++ binding's own argument checks")
+def test_bound_step_returns_none_for_tensors_unlike_the_binding_and_checks_the_scales():
+    """SchedulerBoundStep.step: a sample, model_output or out that does not match the binding gives None
+    (DiffusionScheduler then takes its checked path); the guidance scales and the step index are checked,
+    naming the argument."""
+    s = create_scheduler("ddim", SD, implementation="cpp")  # no state buffers: steps can be repeated
     s.set_timesteps(5)
-    x = np.zeros(16, np.float32)
-    with pytest.raises(ValueError, match="model_output has 8 elements"):
-        s._plan.step(0, np.zeros(16, np.float32), x, np.zeros(8, np.float32))
-    with pytest.raises(ValueError, match="sample: dtype must be"):
-        s._plan.step(0, x, np.zeros(16, np.float64), x)
-    with pytest.raises(ValueError, match="step index 9"):
-        s._plan.step(9, x, x, x)
+    g = torch.Generator().manual_seed(0)
+    x, m, m3 = (torch.randn(rows, 4, 6, 5, generator=g) for rows in (3, 3, 9))
+    s.step(m, s.timesteps.tolist()[0], x)  # binds for (3, 4, 6, 5) float32
+    b = s._bound
+    unlike = [
+        (x.double(), m.double()),
+        (x, m.half()),
+        (x[:2], m[:2]),
+        (x.to("meta"), m),
+        (torch.randn(3, 4, 5, 6).transpose(2, 3), m),  # same shape, not contiguous
+        (x, m3),  # 3F rows without guidance scales
+    ]
+    for sample, model_output in unlike:
+        assert b.step(1, sample, model_output) is None
+    assert b.step(1, x, m, torch.empty(3, 4, 6, 6)) is None  # out of another shape
+    assert b.step(1, x, m3, None, 7.5, 2.0) is not None
+    # the same scale given as a float, an int, one value or one per frame: the same bits
+    want = b.step(1, x, m3, None, 7.0, 2.0).clone()
+    for si, sp in [(7, 2), (torch.tensor([7.0]), 2.0), (torch.full((3,), 7.0), torch.full((3,), 2.0))]:
+        assert torch.equal(b.step(1, sample=x, model_output=m3, scale_image=si, scale_pose=sp), want)
+    cases = [
+        (dict(scale_image=torch.ones(3, dtype=torch.float64), scale_pose=2.0),
+         "scale_image must be torch.float32, got torch.float64"),
+        (dict(scale_image=7.5, scale_pose=torch.ones(6)[::2]), "scale_pose must be contiguous"),
+        (dict(scale_image=torch.ones(2), scale_pose=2.0),
+         r"scale_image has 2 elements, expected 1 or 3 \(one per frame\)"),
+        (dict(scale_image=torch.ones(3, device="meta"), scale_pose=2.0),
+         "scale_image must be a CPU tensor, got one on meta"),
+        (dict(scale_image=7.5, scale_pose="2"), "scale_pose must be a float or a CPU float32 tensor, got str"),
+        (dict(scale_image=7.5), "scale_image and scale_pose must be given together"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            b.step(1, sample=x, model_output=m3, **kwargs)
+    with pytest.raises(ValueError, match="step index 9 is outside the schedule of 5 steps"):
+        b.step(9, x, m)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="checks what the extension exposes")
+def test_one_entry_per_op_and_the_test_hooks_live_in_their_own_module():
+    C = native_core()
+    hooks = ("convert_half_to_float", "convert_float_to_half", "half_to_float", "float_to_half")
+    hooks += ("_parallel_selftest", "_pool_workers")
+    T = _testing_hooks()
+    for name in hooks:
+        assert not hasattr(C, name), name
+        assert hasattr(T, name), name
+    assert not hasattr(C.SchedulerPlan, "step")
+    assert [n for n in dir(C.SchedulerBoundStep) if not n.startswith("_")] == ["set_plan", "step"]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("shape", [(), (0, 4, 8, 8)])
+def test_0d_and_empty_samples_take_the_pytorch_table_step(implementation, shape):
+    """A 0-d or empty sample (nothing for the C++ data plane) is stepped by table_step_ref with the run's
+    coefficients: the C++ implementation gives the Python one's bits."""
+    need(implementation)
+    n = 6
+    results = []
+    for impl in (implementation, "python"):
+        s = create_scheduler("pndm", SD_PNDM, implementation=impl)
+        s.set_timesteps(n)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(shape, generator=g)
+        for t in s.timesteps.tolist():
+            x = s.step(torch.randn(shape, generator=g), t, x).prev_sample
+        assert x.shape == shape and s.step_index == len(s.timesteps)
+        results.append(x)
+    assert torch.equal(results[0], results[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,11 +585,11 @@ def test_missing_extension_warns_once_and_falls_back(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="dreampose_rt.scheduler.schedulers"):
         a = create_scheduler("pndm", SD_PNDM)
         b = create_scheduler("dpmpp", SD)
-    assert a.backend == b.backend == "python"
+    assert a.implementation == b.implementation == "python"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "simulated" in warnings[0].getMessage()
     with pytest.raises(ValueError, match="simulated"):
-        create_scheduler("pndm", backend="cpp")
+        create_scheduler("pndm", implementation="cpp")
 
 
 def test_missing_extension_in_a_fresh_process():
@@ -479,7 +606,7 @@ s.set_timesteps(5)
 x = torch.randn(1, 4, 8, 8)
 for t in s.timesteps:
     x = s.step(torch.randn(1, 4, 8, 8), t, x).prev_sample
-print(s.backend, s2.backend, stream.getvalue().count("WARNING"), bool(torch.isfinite(x).all()))
+print(s.implementation, s2.implementation, stream.getvalue().count("WARNING"), bool(torch.isfinite(x).all()))
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -503,8 +630,8 @@ def test_extension_built_for_another_torch_is_refused_with_the_reason():
     script = (
         "import torch; torch.__version__ = '0.0.1'\n"
         "from dreampose_rt import _ext\n"
-        "assert _ext.load_extension() is None\n"
-        "print(_ext.extension_error())\n"
+        "assert _ext.load_extension() is None and not _ext.extension_availability()\n"
+        "print(_ext.extension_availability().reason)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -532,12 +659,12 @@ def test_step_guided_in_place_takes_the_fast_path_and_equals_a_new_tensor(monkey
     """The runtime steps in place (out=sample): that must stay on the checked-once fast path."""
     from dreampose_rt.scheduler import create_scheduler
 
-    if create_scheduler("pndm", backend="auto").backend != "cpp":
+    if create_scheduler("pndm", implementation="auto").implementation != "cpp":
         pytest.skip("the fast path is the C++ extension's; it is not built here")
     g = torch.Generator().manual_seed(0)
     outs = [torch.randn(6, 4, 5, 3, generator=g) for _ in range(8)]
     x0 = torch.randn(2, 4, 5, 3, generator=g)
-    ref, fast = create_scheduler("pndm", backend="cpp"), create_scheduler("pndm", backend="cpp")
+    ref, fast = create_scheduler("pndm", implementation="cpp"), create_scheduler("pndm", implementation="cpp")
     ref.set_timesteps(7)
     fast.set_timesteps(7)
     checks = []
@@ -551,17 +678,17 @@ def test_step_guided_in_place_takes_the_fast_path_and_equals_a_new_tensor(monkey
     assert len(checks) == 1  # only the run's first step is checked in full
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_runs_after_runs_reuse_the_state_and_equal_fresh_runs(backend):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_runs_after_runs_reuse_the_state_and_equal_fresh_runs(implementation):
     """set_timesteps keeps the previous run's buffers for a run of the same shape (they are never read
     before written): consecutive runs, of other lengths and shapes, equal runs of fresh schedulers."""
-    need(backend)
+    need(implementation)
     opts = dict(SD_PNDM, skip_prk_steps=False)  # PRK rows: saved sample and accumulator too
-    s = create_scheduler("pndm", opts, backend=backend)
+    s = create_scheduler("pndm", opts, implementation=implementation)
     plan = [(6, (2, 4, 12, 10), 1), (9, (2, 4, 12, 10), 2), (5, (1, 4, 8, 8), 3), (6, (2, 4, 12, 10), 4)]
     for n, shape, seed in plan:
         x, outs = random_run(n, shape=shape, seed=seed)
-        want, _ = run_ours("pndm", opts, n, x.clone(), outs, backend)
+        want, _ = run_ours("pndm", opts, n, x.clone(), outs, implementation)
         s.set_timesteps(n)
         y = x.clone()
         for i, t in enumerate(s.timesteps.tolist()):
@@ -576,8 +703,8 @@ def test_a_run_that_switches_dtype_rebinds_the_fast_path():
     n = 8
     x, outs = random_run(n, shape=(2, 4, 6, 5), seed=9, rows=3)
     ys = []
-    for backend in ("cpp", "python"):
-        s = create_scheduler("pndm", SD_PNDM, backend=backend)
+    for implementation in ("cpp", "python"):
+        s = create_scheduler("pndm", SD_PNDM, implementation=implementation)
         s.set_timesteps(n)
         y = x.clone()
         for i, t in enumerate(s.timesteps.tolist()):
@@ -600,7 +727,7 @@ def test_step_recycles_an_output_only_when_nothing_can_see_it():
 
     if not HAVE_CPP:
         pytest.skip("recycling is the C++ binding's; the extension did not load")
-    s = create_scheduler("pndm", SD_PNDM, backend="cpp")
+    s = create_scheduler("pndm", SD_PNDM, implementation="cpp")
     s.set_timesteps(60)
     ts = iter(s.timesteps.tolist())
     x, outs = random_run(60, shape=(1, 4, 8, 8), seed=11)
@@ -636,11 +763,11 @@ def test_step_recycles_an_output_only_when_nothing_can_see_it():
 
 
 def lockstep(opts: dict, n: int, shape: tuple, seed: int):
-    """PNDM runs of the C++ and the Python backend side by side on the same random inputs, with diffusers'
+    """PNDM runs of the C++ and the Python implementation side by side on the same random inputs, with diffusers'
     loop (``x = step(eps, t, x).prev_sample``); yields (step, cpp scheduler, its sample, python scheduler,
     its sample) after each step."""
     x, outs = random_run(n, shape=shape, seed=seed)
-    a, b = create_scheduler("pndm", opts, backend="cpp"), create_scheduler("pndm", opts, backend="python")
+    a, b = create_scheduler("pndm", opts, implementation="cpp"), create_scheduler("pndm", opts, implementation="python")
     a.set_timesteps(n)
     b.set_timesteps(n)
     ya = yb = x

@@ -3,11 +3,17 @@
 A step is element-wise, so any split of the elements over threads must give the same bits as one
 thread; these tests compare whole runs bit for bit, with sizes whose frames, blocks and chunks do not
 line up.
+
+The pool's own tests go through the test hooks of ``dreampose_rt._C_testing`` (``_parallel_selftest``,
+``_pool_workers``), which is built from the same csrc/parallel.cpp but holds its own instance of the
+pool: they test the pool's code (hand-over, stealing, back-off, concurrent callers), not the instance
+the scheduler's steps use, which the step tests below exercise.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
 import os
 import subprocess
 import sys
@@ -21,7 +27,18 @@ from dreampose_rt.scheduler import create_scheduler, native_core
 from dreampose_rt.scheduler import schedulers as sched_mod
 
 C = native_core()
-pytestmark = pytest.mark.skipif(C is None, reason=f"the C++ extension did not load: {sched_mod.native_core_error()}")
+pytestmark = pytest.mark.skipif(
+    C is None, reason=f"the C++ extension did not load: {sched_mod.native_core_availability().reason}"
+)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """The test hooks into the thread pool (dreampose_rt._C_testing, built beside _C by setup.py)."""
+    try:
+        return importlib.import_module("dreampose_rt._C_testing")
+    except ImportError as exc:
+        pytest.fail(f"dreampose_rt._C_testing did not load ({exc}): `pip install --no-build-isolation -e .`")
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SD_PNDM = dict(SD, steps_offset=1, set_alpha_to_one=False)
@@ -43,8 +60,8 @@ def _inputs(n: int, dtype: torch.dtype, guided: bool, seed: int = 0):
     return x, outs
 
 
-def _run(name, opts, n, threads, dtype, guided, in_place, backend="cpp"):
-    s = create_scheduler(name, opts, backend=backend, num_threads=threads)
+def _run(name, opts, n, threads, dtype, guided, in_place, implementation="cpp"):
+    s = create_scheduler(name, opts, implementation=implementation, num_threads=threads)
     s.set_timesteps(n)
     x, outs = _inputs(len(s.timesteps), dtype, guided)  # PNDM evaluates the model more than n times
     s_i = torch.tensor([7.5, 3.0, 1.25])  # per frame: a wrong frame for an element shows
@@ -69,24 +86,24 @@ def test_any_thread_count_gives_the_same_bits(case, dtype, guided):
         got = _run(name, opts, n, threads, dtype, guided, in_place)
         assert torch.equal(got, want), f"num_threads={threads} in_place={in_place}"
     # ... and the one-thread run is the Python implementation's (which is what the rest of the suite checks)
-    ref = _run(name, opts, n, 0, dtype, guided, in_place=False, backend="python")
+    ref = _run(name, opts, n, 0, dtype, guided, in_place=False, implementation="python")
     tol = 1e-6 if dtype == torch.float32 else 1e-3
     err = ((want.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err <= tol
 
 
-def test_every_chunk_runs_exactly_once_and_the_workers_take_part():
-    workers = C._pool_workers()
+def test_every_chunk_runs_exactly_once_and_the_workers_take_part(pool):
+    workers = pool._pool_workers()
     assert workers == min(64, os.cpu_count() or 1) - 1  # one per core besides the caller's
     # back-to-back jobs of every size: a stale claim on a later job would run a chunk twice or never
     for num_chunks in list(range(1, 40)) * 20:
-        runs, _, _ = C._parallel_selftest(num_chunks, 0, 0.0, num_chunks % 2 == 0)
+        runs, _, _ = pool._parallel_selftest(num_chunks, 0, 0.0, num_chunks % 2 == 0)
         assert runs == [1] * num_chunks
     if workers == 0:
         pytest.skip("one CPU: the pool has no worker threads")
     # a long job wakes the workers; with chunks of 200 us they take some of them
     for _ in range(5):
-        runs, threads, _ = C._parallel_selftest(64, 0, 200.0, True)
+        runs, threads, _ = pool._parallel_selftest(64, 0, 200.0, True)
         assert runs == [1] * 64
         if len(set(threads)) > 1:
             break
@@ -94,34 +111,34 @@ def test_every_chunk_runs_exactly_once_and_the_workers_take_part():
         pytest.fail(f"no worker thread took part in 5 jobs of 64 x 200 us: {collections.Counter(threads)}")
 
 
-def test_after_waiting_for_a_slow_worker_small_jobs_run_on_the_caller():
+def test_after_waiting_for_a_slow_worker_small_jobs_run_on_the_caller(pool):
     """A worker that holds a chunk for long (as a preempted one does) makes the caller back off: the small
     jobs right after run on the caller's thread alone; large jobs still use the workers."""
-    if C._pool_workers() == 0:
+    if pool._pool_workers() == 0:
         pytest.skip("one CPU: the pool has no worker threads")
     for _ in range(5):
-        C._parallel_selftest(64, 0, 50.0, True)  # a large job: wakes the workers, which then spin a while
+        pool._parallel_selftest(64, 0, 50.0, True)  # a large job: wakes the workers, which then spin a while
         # a small job whose chunks take 5 us on the caller and 3 ms on a worker: the caller waits for it
-        runs, threads, caller = C._parallel_selftest(64, 0, 5.0, False, 3000.0)
+        runs, threads, caller = pool._parallel_selftest(64, 0, 5.0, False, 3000.0)
         assert runs == [1] * 64
         if set(threads) != {caller}:
             break  # a worker took a chunk, so the caller waited for it
     else:
         pytest.skip("no worker took part in 5 small jobs right after large ones (a very busy machine)")
-    runs, threads, caller = C._parallel_selftest(32, 0, 5.0, False)
+    runs, threads, caller = pool._parallel_selftest(32, 0, 5.0, False)
     assert runs == [1] * 32 and set(threads) == {caller}
-    runs, threads, caller = C._parallel_selftest(64, 0, 50.0, True)  # large: shared again
+    runs, threads, caller = pool._parallel_selftest(64, 0, 50.0, True)  # large: shared again
     assert runs == [1] * 64
 
 
-def test_concurrent_callers_each_get_every_chunk_once():
+def test_concurrent_callers_each_get_every_chunk_once(pool):
     """Two threads use the pool at once (the GIL is released): one of them runs its job alone."""
     errors: list[str] = []
 
     def caller(seed: int) -> None:
         for i in range(200):
             n = 1 + (seed * 7 + i) % 33
-            runs, _, _ = C._parallel_selftest(n, 0, 2.0 if i % 10 == 0 else 0.0, True)
+            runs, _, _ = pool._parallel_selftest(n, 0, 2.0 if i % 10 == 0 else 0.0, True)
             if runs != [1] * n:
                 errors.append(f"caller {seed}, job {i}: {runs}")
 

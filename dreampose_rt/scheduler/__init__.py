@@ -7,12 +7,16 @@
         eps = unet(sched.scale_model_input(x, t), t)        # (3F, 4, h, w), branch-major
         x = sched.step_guided(eps, t, x, s_image, s_pose).prev_sample
 
-``coefficient_table()`` gives the whole run as a table (layout: :mod:`dreampose_rt.scheduler.table`).
+``implementation=`` ("auto", "cpp", "python": :data:`IMPLEMENTATIONS`) chooses the C++ core
+(``dreampose_rt._C``) or the pure-Python one (:mod:`.python_core`); :func:`native_core_availability`
+says whether the C++ core can run here, and why not. ``coefficient_table()`` gives the whole run as a
+table (layout: :mod:`dreampose_rt.scheduler.table`).
 """
 
 from .config import SCHEDULER_NAMES, SchedulerConfig
 from .schedulers import (
-    BACKENDS,
+    IMPLEMENTATIONS,
+    SCHEDULER_CLASSES,
     DDIMScheduler,
     DiffusionScheduler,
     DPMSolverMultistepScheduler,
@@ -20,8 +24,8 @@ from .schedulers import (
     SchedulerOutput,
     create_scheduler,
     native_core,
-    native_core_error,
-    resolve_backend,
+    native_core_availability,
+    resolve_implementation,
 )
 from .table import (
     COLUMNS,
@@ -34,14 +38,15 @@ from .table import (
 )
 
 __all__ = [
-    "BACKENDS",
     "COLUMNS",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
     "DiffusionScheduler",
+    "IMPLEMENTATIONS",
     "MAX_HISTORY",
     "NUM_COLUMNS",
     "PNDMScheduler",
+    "SCHEDULER_CLASSES",
     "SCHEDULER_NAMES",
     "SchedulerConfig",
     "SchedulerOutput",
@@ -50,7 +55,7 @@ __all__ = [
     "create_scheduler",
     "guidance_combine_ref",
     "native_core",
-    "native_core_error",
-    "resolve_backend",
+    "native_core_availability",
+    "resolve_implementation",
     "table_step_ref",
 ]

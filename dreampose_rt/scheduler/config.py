@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from dreampose.schedulers import SCHEDULERS as SCHEDULER_NAMES  # the one list of scheduler names
+from dreampose.settings import SCHEDULER_NAMES  # the one list of scheduler names
 
 
 # diffusers class name <-> our name

@@ -1,11 +1,15 @@
 """PNDM, DDIM and DPM-Solver++ with diffusers' interface, backed by the C++ core (or Python).
 
 A scheduler owns a *plan* for the current run: the timesteps and the coefficient table
-(:mod:`dreampose_rt.scheduler.table`). ``step`` applies row ``k`` of that table:
+(:mod:`dreampose_rt.scheduler.table`). ``step`` applies row ``k`` of that table. Which code builds and
+applies the plan is the scheduler's *implementation* (:data:`IMPLEMENTATIONS`; not to be confused with
+the runtime's backends, which run the networks):
 
-- backend "cpp": the C++ data plane (one pass, multithreaded) for CPU fp32/fp16 tensors; tensors on
-  other devices use the PyTorch table step with the same coefficients;
-- backend "python": the plan is built in Python and applied with :func:`table_step_ref`.
+- "cpp": the plan comes from the C++ core (``dreampose_rt._C``) and CPU fp32/fp16 steps run on its data
+  plane (one pass, multithreaded) through a ``SchedulerBoundStep`` (``scheduler_bind``); tensors on other
+  devices, and 0-d or empty samples, use the PyTorch table step with the same coefficients;
+- "python": the plan is built by :mod:`.python_core` and applied with :func:`table_step_ref`;
+- "auto": "cpp" when the extension loads, else "python" (with one warning saying why).
 """
 
 from __future__ import annotations
@@ -18,19 +22,21 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from .. import _ext
-from . import _reference
+from ..availability import Availability
+from . import python_core
 from .config import SchedulerConfig
 from .table import COLUMNS, NUM_COLUMNS, StepState, TableInfo, guidance_combine_ref, table_step_ref
 
 logger = logging.getLogger(__name__)
 
 
-BACKENDS = ("auto", "cpp", "python")
+IMPLEMENTATIONS = ("auto", "cpp", "python")
 _warned_fallback = False
 
 
 def native_core() -> Any | None:
-    """The extension module if it is loaded and its table layout matches :data:`COLUMNS`."""
+    """The extension module if it is loaded and its table layout matches :data:`COLUMNS` (else ``None``;
+    why: :func:`native_core_availability`)."""
     mod = _ext.load_extension()
     if mod is None or not hasattr(mod, "scheduler_make_plan"):
         return None
@@ -39,34 +45,41 @@ def native_core() -> Any | None:
     return mod
 
 
-def native_core_error() -> str | None:
-    """Why :func:`native_core` is ``None`` (``None`` when it is available)."""
+def native_core_availability() -> Availability:
+    """Whether the C++ scheduler core can run here: what it offers, or why not."""
     mod = _ext.load_extension()
     if mod is None:
-        return _ext.extension_error()
+        return Availability(False, _ext.extension_availability().reason)
     if not hasattr(mod, "scheduler_make_plan"):
-        return "dreampose_rt._C was built without the scheduler"
+        return Availability(False, "dreampose_rt._C was built without the scheduler")
     cols = tuple(mod.scheduler_table_columns())
     if cols != COLUMNS:
-        return f"table layout of the extension {cols} differs from dreampose_rt.scheduler.table.COLUMNS"
-    return None
+        return Availability(
+            False, f"table layout of the extension {cols} differs from dreampose_rt.scheduler.table.COLUMNS"
+        )
+    return Availability(True, "C++ core and CPU data plane (fp32, fp16)")
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """"cpp" or "python" for a requested backend; "auto" falls back to Python with one warning."""
+def resolve_implementation(implementation: str = "auto") -> str:
+    """"cpp" or "python" for a requested implementation; "auto" falls back to Python with one warning."""
     global _warned_fallback
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
-    if backend == "python":
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown scheduler implementation {implementation!r} (choose one of {', '.join(IMPLEMENTATIONS)})"
+        )
+    if implementation == "python":
         return "python"
     if native_core() is not None:
         return "cpp"
-    if backend == "cpp":
-        raise ValueError(f"backend='cpp' requested but the extension is unavailable: {native_core_error()}")
+    if implementation == "cpp":
+        raise ValueError(
+            f"implementation='cpp' requested but the C++ core is unavailable: {native_core_availability().reason}"
+        )
     if not _warned_fallback:
         _warned_fallback = True
         logger.warning(
-            "dreampose_rt._C is unavailable (%s); schedulers use the pure-Python implementation", native_core_error()
+            "dreampose_rt._C is unavailable (%s); schedulers use the pure-Python implementation",
+            native_core_availability().reason,
         )
     return "python"
 
@@ -101,12 +114,13 @@ class DiffusionScheduler:
         self,
         config: SchedulerConfig | Mapping[str, Any] | None = None,
         *,
-        backend: str = "auto",
+        implementation: str = "auto",
         num_threads: int = 0,
         **overrides: Any,
     ) -> None:
-        """config: as :func:`create_scheduler`. backend: "auto", "cpp" or "python". num_threads: threads
-        of the C++ CPU data plane per step (0: chosen from the tensor size, up to every core)."""
+        """config: as :func:`create_scheduler`. implementation: "auto", "cpp" or "python" (see
+        :data:`IMPLEMENTATIONS`). num_threads: threads of the C++ CPU data plane per step (0: chosen from
+        the tensor size, up to every core)."""
         if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 0:
             raise ValueError(f"num_threads must be an int >= 0, got {num_threads!r}")
         self._num_threads = num_threads
@@ -117,8 +131,8 @@ class DiffusionScheduler:
         else:
             cfg = SchedulerConfig.create(self.name, config, **overrides)
         self._config = cfg
-        self._backend = resolve_backend(backend)
-        self._native = native_core() if self._backend == "cpp" else None
+        self._implementation = resolve_implementation(implementation)
+        self._native = native_core() if self._implementation == "cpp" else None
         self._native_cfg = _native_config(self._native, cfg) if self._native is not None else None
         self._plan: Any = None
         self._table: torch.Tensor | None = None
@@ -131,9 +145,8 @@ class DiffusionScheduler:
         self._step_index: int | None = None
         self._state: StepState | None = None
         self._state_key: tuple | None = None
-        self._state_np: dict[str, Any] = {}
-        self._bound: Any = None  # the C++ step bound to this run's state (fast path)
-        self._bound_key: tuple | None = None  # (numel, fp16, frames) it was bound for
+        self._bound: Any = None  # the C++ SchedulerBoundStep bound to this run's state (the fast path)
+        self._bound_key: tuple | None = None  # (sample shape, dtype) it was bound for
         self._state_info: TableInfo | None = None
 
     # -- construction helpers -------------------------------------------------------------------
@@ -147,9 +160,13 @@ class DiffusionScheduler:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "DiffusionScheduler":
         """Build from a scheduler_config.json or a model folder (``<folder>/scheduler/scheduler_config.json``)."""
-        backend = kwargs.pop("backend", "auto")
+        implementation = kwargs.pop("implementation", "auto")
         num_threads = kwargs.pop("num_threads", 0)
-        return cls(SchedulerConfig.from_file(path, scheduler=cls.name, **kwargs), backend=backend, num_threads=num_threads)
+        return cls(
+            SchedulerConfig.from_file(path, scheduler=cls.name, **kwargs),
+            implementation=implementation,
+            num_threads=num_threads,
+        )
 
     def save_config(self, path: str | os.PathLike) -> str:
         """Write the config as JSON (``path``: a file or a folder); returns the file written."""
@@ -160,9 +177,9 @@ class DiffusionScheduler:
         return self._config
 
     @property
-    def backend(self) -> str:
-        """"cpp" (C++ plan and CPU data plane) or "python"."""
-        return self._backend
+    def implementation(self) -> str:
+        """"cpp" (C++ plan and CPU data plane) or "python" (what "auto" resolved to)."""
+        return self._implementation
 
     @property
     def step_index(self) -> int | None:
@@ -174,7 +191,7 @@ class DiffusionScheduler:
         """``(num_train_timesteps,)`` float32."""
         if self._native is not None:
             return torch.tensor(self._native.scheduler_alphas_cumprod(self._native_cfg), dtype=torch.float32)
-        return torch.from_numpy(_reference.alphas_cumprod(self._config))
+        return torch.from_numpy(python_core.alphas_cumprod(self._config))
 
     # -- the run --------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -187,7 +204,7 @@ class DiffusionScheduler:
             n = len(plan.timesteps)
             table = torch.frombuffer(bytearray(plan.table()), dtype=torch.float32).reshape(n, NUM_COLUMNS)
         else:
-            plan = _reference.make_plan(self._config, num_inference_steps)
+            plan = python_core.make_plan(self._config, num_inference_steps)
             table = plan.table
         self._plan = plan
         self._table = table
@@ -204,7 +221,6 @@ class DiffusionScheduler:
         # and keeps the C++ binding, pointed at the new plan, so that even its first step is a fast one.
         if self._state is not None and self._state_info != self._info:
             self._state = self._state_key = self._state_info = None
-            self._state_np = {}
         if self._bound is not None:
             if self._state is not None and self._native is not None:
                 self._bound.set_plan(plan)
@@ -275,12 +291,7 @@ class DiffusionScheduler:
         self._state = StepState.allocate(self._info, sample.shape, sample.device)
         self._state_key = key
         self._state_info = self._info
-        self._state_np = {}
         self._bound = self._bound_key = None
-        if sample.device.type == "cpu":
-            for name in ("history", "saved_sample", "accumulator"):
-                buf = getattr(self._state, name)
-                self._state_np[name] = buf.numpy() if buf is not None else None
         return self._state
 
     def _native_ok(self, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
@@ -289,18 +300,25 @@ class DiffusionScheduler:
             and sample.device.type == "cpu"
             and model_output.device.type == "cpu"
             and sample.dtype in (torch.float32, torch.float16)
+            and sample.dim() > 0
+            and sample.numel() > 0
         )
 
-    def _bind(self, sample: torch.Tensor, frames: int) -> Any:
-        """The C++ step bound to this run's plan and state for samples like ``sample`` (F = ``frames``)."""
-        key = (sample.numel(), sample.dtype == torch.float16, frames)
+    def _bind(self, sample: torch.Tensor) -> Any:
+        """The C++ step bound to this run's plan and state for samples like ``sample`` (CPU, contiguous;
+        frames: its first dimension). The binding checks every tensor (errors name it)."""
+        key = (sample.shape, sample.dtype)
         if self._bound is None or self._bound_key != key:
             state = self._state
-            ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
             self._bound = self._native.scheduler_bind(
-                self._plan, sample, frames,
-                ptr(state.history), ptr(state.saved_sample), ptr(state.accumulator), state, self._num_threads,
-            )  # fmt: skip
+                self._plan,
+                sample=sample,
+                frames=sample.shape[0],
+                history=state.history,
+                saved_sample=state.saved_sample,
+                accumulator=state.accumulator,
+                num_threads=self._num_threads,
+            )
             self._bound_key = key
         return self._bound
 
@@ -313,34 +331,20 @@ class DiffusionScheduler:
         scale_pose: torch.Tensor | None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Step ``k`` after the checks: scales are ``(F,)`` float32 tensors on the sample's device (or None)."""
+        """Step ``k`` after the checks (the checked path): scales are ``(F,)`` float32 tensors on the
+        sample's device (or None). CPU fp32/fp16 samples with frames go to the C++ data plane (binding it to
+        this run's state first if needed); anything else, to the PyTorch table step (same coefficients)."""
         state = self._state_for(sample)
         if self._native_ok(model_output, sample):
             x = sample.detach().contiguous()
             m = model_output.detach().contiguous()
             out = torch.empty_like(x) if out is None else out
-            if x.dim() and x.numel():
-                bound = self._bind(x, x.shape[0])
-                if scale_image is None:
-                    bound.step(k, out.data_ptr(), x.data_ptr(), m.data_ptr())
-                else:
-                    bound.step_guided(
-                        k, out.data_ptr(), x.data_ptr(), m.data_ptr(), scale_image.data_ptr(), scale_pose.data_ptr()
-                    )  # fmt: skip
-                return out
-            np_state = self._state_np  # a 0-d or empty sample: the checked binding
-            self._plan.step(
-                k,
-                out.detach().numpy(),
-                x.numpy(),
-                m.numpy(),
-                np_state["history"],
-                np_state["saved_sample"],
-                np_state["accumulator"],
-                scale_image.numpy() if scale_image is not None else None,
-                scale_pose.numpy() if scale_pose is not None else None,
+            prev = self._bind(x).step(
+                k, sample=x, model_output=m, out=out, scale_image=scale_image, scale_pose=scale_pose
             )
-            return out
+            if prev is not None:
+                return prev
+            # (None: a tensor the binding does not take as it is, e.g. a subclass: the PyTorch step below)
         if scale_image is not None:
             model_output = guidance_combine_ref(model_output, scale_image, scale_pose)
         return table_step_ref(self._rows[k], model_output, sample, state, out)
@@ -399,7 +403,8 @@ class DiffusionScheduler:
             # Fast path: a step of this run (or of an earlier run on the same shape) was checked in full and
             # bound in C++; the bound step checks the tensors against that binding (dtype, CPU, sizes,
             # contiguity) in C++ and returns None if one differs, and then the checked path below runs.
-            prev = bound.step_tensors(k, out, sample, model_output)
+            # Arguments by position: pybind11's keyword matching would cost ~0.4 us a step.
+            prev = bound.step(k, sample, model_output, out)
             if prev is not None:
                 self._step_index = k + 1
                 return SchedulerOutput(prev) if return_dict else (prev,)
@@ -434,7 +439,7 @@ class DiffusionScheduler:
         ti, tp = type(guidance_scale_image), type(guidance_scale_pose)
         if bound is not None and (ti is float or ti is int) and (tp is float or tp is int):
             # Fast path, as in step(), for scalar guidance scales.
-            prev = bound.step_tensors(k, out, sample, model_output, True, guidance_scale_image, guidance_scale_pose)
+            prev = bound.step(k, sample, model_output, out, guidance_scale_image, guidance_scale_pose)
             if prev is not None:
                 self._step_index = k + 1
                 return SchedulerOutput(prev) if return_dict else (prev,)
@@ -464,7 +469,7 @@ class DiffusionScheduler:
         return self._config.num_train_timesteps
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(backend={self._backend!r}, config={self._config!r})"
+        return f"{type(self).__name__}(implementation={self._implementation!r}, config={self._config!r})"
 
 
 class PNDMScheduler(DiffusionScheduler):
@@ -487,7 +492,8 @@ class DPMSolverMultistepScheduler(DiffusionScheduler):
     name = "dpmpp"
 
 
-SCHEDULERS: dict[str, type[DiffusionScheduler]] = {
+#: Our name -> class (the names themselves: :data:`dreampose.settings.SCHEDULER_NAMES`).
+SCHEDULER_CLASSES: dict[str, type[DiffusionScheduler]] = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,
     "dpmpp": DPMSolverMultistepScheduler,
@@ -498,7 +504,7 @@ def create_scheduler(
     name: str,
     config: SchedulerConfig | Mapping[str, Any] | str | os.PathLike | None = None,
     *,
-    backend: str = "auto",
+    implementation: str = "auto",
     num_threads: int = 0,
     **overrides: Any,
 ) -> DiffusionScheduler:
@@ -507,14 +513,15 @@ def create_scheduler(
     config: ``None`` (diffusers defaults of that scheduler), a dict of diffusers options, a
         :class:`SchedulerConfig`, or a path to a scheduler_config.json / model folder (options of
         another scheduler class are carried over, as diffusers' ``from_config`` does).
-    overrides: options that replace the config's. backend: "auto", "cpp" or "python".
+    overrides: options that replace the config's. implementation: "auto", "cpp" or "python" (which code
+    builds and applies the plan: :data:`IMPLEMENTATIONS`).
     num_threads: threads of the C++ CPU data plane per step (0: chosen from the tensor size).
     """
     key = {"plms": "pndm", "dpmsolver++": "dpmpp", "dpm++": "dpmpp"}.get(name, name)
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r} (choose one of {', '.join(SCHEDULERS)})")
+    if key not in SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {name!r} (choose one of {', '.join(SCHEDULER_CLASSES)})")
     if isinstance(config, (str, os.PathLike)):
         config = SchedulerConfig.from_file(config, scheduler=key)
     if isinstance(config, SchedulerConfig) and config.scheduler != key:
         config = {k: v for k, v in config.to_dict().items() if k != "scheduler"}
-    return SCHEDULERS[key](config, backend=backend, num_threads=num_threads, **overrides)
+    return SCHEDULER_CLASSES[key](config, implementation=implementation, num_threads=num_threads, **overrides)

@@ -1,8 +1,12 @@
-"""Pure-Python scheduler core: the same control plane as csrc/scheduler/schedule.cpp, line for line.
+"""The pure-Python scheduler core: the same control plane as csrc/scheduler/schedule.cpp, line for line.
 
-Used when the extension is missing (and to cross-check it). Scalar arithmetic that diffusers does
-on fp32 tensors is done on ``numpy.float32`` scalars; per-buffer weights are combined in float64
-and rounded to fp32 once, as in C++.
+The production fallback, not a test oracle: ``implementation="python"`` (and ``"auto"`` when the
+extension ``dreampose_rt._C`` is missing or refused) builds every run's plan here and applies it with
+:func:`~dreampose_rt.scheduler.table.table_step_ref`. The tests also use it to cross-check the C++ core
+(the two must give the same timesteps and the same coefficient table, bit for bit).
+
+Scalar arithmetic that diffusers does on fp32 tensors is done on ``numpy.float32`` scalars; per-buffer
+weights are combined in float64 and rounded to fp32 once, as in C++.
 """
 
 from __future__ import annotations
