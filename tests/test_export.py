@@ -5,10 +5,8 @@ One fp32 build of the tiny model per session (export_fixtures.built_engines); ev
 
 from __future__ import annotations
 
-import argparse
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,6 +22,7 @@ from export_fixtures import (  # noqa: F401  (pytest fixtures)
 from dreampose.utils import DreamPoseError
 from dreampose_rt.export import (
     EngineError,
+    EngineManifest,
     EngineMismatchError,
     ExportCheckError,
     OrtEngine,
@@ -70,7 +69,7 @@ def test_wrappers_compute_what_the_model_computes(export_model):
     with torch.no_grad():
         unet = make_wrapper("unet", m)
         inp = unet.sample_inputs(batch=6)
-        ref = m.denoise(inp["latents"], inp["pose_window"], inp["timestep"], inp["encoder_hidden_states"])
+        ref = m.predict_noise(inp["latents"], inp["pose_window"], inp["timestep"], inp["encoder_hidden_states"])
         assert _diff("unet wrapper", unet(*inp.values()), ref) == 0.0
 
         vae = make_wrapper("vae_decoder", m)
@@ -123,16 +122,17 @@ def test_profiles_axes_and_shapes(export_model):
 # --------------------------------------------------------------------------------------------------
 def test_build_checked_every_network(built_engines):
     out, manifest = built_engines
-    assert set(manifest["networks"]) == {"cond_encoder", "unet", "vae_decoder"}
-    for name, rec in manifest["networks"].items():
-        assert rec["onnx_action"] == "built" and rec["check"]["passed"], name
-        assert max(rec["check"]["max_abs_diff"].values()) <= 1e-4
-        meta = json.loads((out / rec["metadata"]).read_text())
+    assert set(manifest.networks) == {"cond_encoder", "unet", "vae_decoder"}
+    for name, rec in manifest.networks.items():
+        assert rec.onnx_action == "built" and rec.check["passed"], name
+        assert max(rec.check["max_abs_diff"].values()) <= 1e-4
+        meta = json.loads((out / rec.metadata).read_text())
         assert meta["precision"] == "fp32" and meta["backend"] == "onnxruntime" and meta["graph_hash"]
-        model = load_onnx(out / rec["onnx"], load_external_data=False)
+        model = load_onnx(out / rec.onnx, load_external_data=False)
         assert model.opset_import[0].version >= 17
-        assert [i.name for i in model.graph.input] == rec["inputs"]
-    assert manifest["shape_spec"]["max_frames"] == 3
+        assert [i.name for i in model.graph.input] == rec.inputs
+    assert manifest.max_frames == 3
+    assert EngineManifest.load(out) == manifest  # what was written reads back the same
 
 
 @pytest.mark.parametrize("name,batch", [("unet", 9), ("vae_decoder", 3), ("cond_encoder", 2)])
@@ -180,7 +180,7 @@ def test_denoising_steps_through_ort_match_pytorch(built_engines, export_model):
     with torch.no_grad():
         ref_lat, ref_img = run(
             lambda im: (m.encode_image(im), m.encode_null_image(1)),
-            lambda *a: m.denoise(*a),
+            lambda *a: m.predict_noise(*a),
             m.decode,
         )
 
@@ -281,6 +281,46 @@ def test_load_engines_checks_weights(built_engines, export_model):
         load_engines(out, weights_hashes={"unet": "0" * 32})
 
 
+def test_the_manifest_owns_the_checks(built_engines, export_model, tmp_path):
+    """EngineManifest: load, the checks against a model and a backend, the weights it expects."""
+    import dataclasses
+    import shutil
+
+    out, manifest = built_engines
+    manifest.check(out, export_model, "onnxruntime", "fp32")
+    manifest.check(out, export_model, "onnxruntime")  # precision None: theirs
+    with pytest.raises(DreamPoseError, match="built for 'onnxruntime', not 'tensorrt'"):
+        manifest.check(out, export_model, "tensorrt")
+    with pytest.raises(DreamPoseError, match="built in fp32 but fp16 was asked for"):
+        manifest.check(out, export_model, "onnxruntime", "fp16")
+    other = dataclasses.replace(manifest, shape_spec=dataclasses.replace(manifest.shape_spec, height=32))
+    with pytest.raises(DreamPoseError, match="built for 32 x 48 but the model renders 64 x 48"):
+        other.check(out, export_model, "onnxruntime")
+    partial = dataclasses.replace(manifest, networks={"unet": manifest.networks["unet"]})
+    with pytest.raises(DreamPoseError, match="cond_encoder, vae_decoder are missing"):
+        partial.check(out, export_model, "onnxruntime")
+    manifest.check_frames(out, 3)
+    with pytest.raises(DreamPoseError, match="frames_per_batch 4 is more than the engines .* take \\(3\\)"):
+        manifest.check_frames(out, 4)
+    expected = manifest.expected_weights(export_model)
+    assert expected["unet"] == state_dict_hash(make_wrapper("unet", export_model).state_dict())
+    assert expected == {n: json.loads((out / r.metadata).read_text())["weights_hash"] for n, r in manifest.networks.items()}
+    # folders that are not engine folders, and manifests this version cannot read
+    with pytest.raises(DreamPoseError, match="engine folder not found"):
+        EngineManifest.load(tmp_path / "missing")
+    with pytest.raises(DreamPoseError, match="not an engine folder"):
+        EngineManifest.load(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = json.loads(EngineManifest.path(copy).read_text())
+    EngineManifest.path(copy).write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(DreamPoseError, match="newer than this dreampose-rt reads"):
+        EngineManifest.load(copy)
+    EngineManifest.path(copy).write_text(json.dumps({k: v for k, v in data.items() if k != "shape_spec"}))
+    with pytest.raises(DreamPoseError, match="not a manifest this dreampose-rt can read"):
+        EngineManifest.load(copy)
+
+
 # --------------------------------------------------------------------------------------------------
 # Weight map and refit
 # --------------------------------------------------------------------------------------------------
@@ -339,16 +379,16 @@ def test_build_reuses_and_refits(export_model_dir, subject_model_dir, subject_mo
     out = tmp_path / "eng"
     nets = ("unet", "vae_decoder")
     first = build_engines(export_model_dir, out, max_frames=2, networks=nets)
-    assert {r["onnx_action"] for r in first["networks"].values()} == {"built"}
+    assert {r.onnx_action for r in first.networks.values()} == {"built"}
     mtime = (out / "unet.onnx").stat().st_mtime_ns
     graph_hash = json.loads((out / "unet.onnx.json").read_text())["graph_hash"]
     again = build_engines(export_model_dir, out, max_frames=2, networks=nets)
-    assert {r["onnx_action"] for r in again["networks"].values()} == {"reused"}
+    assert {r.onnx_action for r in again.networks.values()} == {"reused"}
     assert (out / "unet.onnx").stat().st_mtime_ns == mtime
 
     refit = build_engines(export_model_dir, out, max_frames=2, networks=nets, refit_from=subject_model_dir)
-    assert {r["onnx_action"] for r in refit["networks"].values()} == {"refit"}
-    assert all(r["check"]["passed"] for r in refit["networks"].values())
+    assert {r.onnx_action for r in refit.networks.values()} == {"refit"}
+    assert all(r.check["passed"] for r in refit.networks.values())
     meta = json.loads((out / "unet.onnx.json").read_text())
     assert meta["weights_hash"] == state_dict_hash(make_wrapper("unet", subject_model).state_dict())
     assert meta["graph_hash"] == graph_hash  # same graph, new weights
@@ -356,22 +396,20 @@ def test_build_reuses_and_refits(export_model_dir, subject_model_dir, subject_mo
     engine.load()
     inputs = make_wrapper("unet", subject_model).sample_inputs(batch=3)
     with torch.no_grad():
-        ref = subject_model.denoise(inputs["latents"], inputs["pose_window"], inputs["timestep"], inputs["encoder_hidden_states"])
+        ref = subject_model.predict_noise(inputs["latents"], inputs["pose_window"], inputs["timestep"], inputs["encoder_hidden_states"])
     assert _diff("refitted unet", engine.infer(inputs)["eps"], ref) <= 1e-4
 
     back = build_engines(export_model_dir, out, max_frames=2, networks=nets)  # base weights again: refit back
-    assert {r["onnx_action"] for r in back["networks"].values()} == {"refit"}
+    assert {r.onnx_action for r in back.networks.values()} == {"refit"}
 
     other = build_engines(export_model_dir, out, max_frames=2, networks=("unet",), opset=18)  # new key: export
-    assert other["networks"]["unet"]["onnx_action"] == "built"
+    assert other.networks["unet"].onnx_action == "built"
 
 
 def _cli(argv: list[str]) -> int:
-    from dreampose_rt.export.cli import add_parser
+    from dreampose_rt.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="dreampose-rt")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -379,9 +417,10 @@ def test_cli_build_engine(export_model_dir, tmp_path):
     out = tmp_path / "cli"
     assert _cli(["build-engine", "--model", str(export_model_dir), "--out", str(out), "--max-frames", "1",
                  "--networks", "vae_decoder", "--vae-output", "uint8"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["networks"]["vae_decoder"]["outputs"] == ["image_u8"]
-    assert manifest["networks"]["vae_decoder"]["check"]["passed"]
+    manifest = EngineManifest.load(out)
+    assert manifest.networks["vae_decoder"].outputs == ["image_u8"]
+    assert manifest.networks["vae_decoder"].check["passed"]
+    assert set(manifest.versions) == {"dreampose_rt", "torch", "onnxruntime"}
 
 
 @pytest.mark.parametrize(
@@ -389,8 +428,8 @@ def test_cli_build_engine(export_model_dir, tmp_path):
     [
         (["--model", "{missing}"], "not found"),
         (["--model", "{empty}"], "not a DreamPose model folder"),
-        (["--precision", "fp8"], "unsupported precision"),
-        (["--backend", "openvino"], "unsupported backend"),
+        (["--precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--backend", "openvino"], "invalid choice: 'openvino'"),
         (["--max-frames", "0"], "max-frames"),
     ],
 )
@@ -400,7 +439,7 @@ def test_cli_fails_cleanly(export_model_dir, tmp_path, extra, match):
     argv += [a.format(missing=tmp_path / "missing", empty=tmp_path / "empty") for a in extra]
     with pytest.raises(DreamPoseError, match=match):
         _cli(argv)
-    assert not (tmp_path / "o" / "manifest.json").exists()
+    assert not EngineManifest.exists(tmp_path / "o")
 
 
 def test_cli_tensorrt_missing_is_a_clean_error(export_model_dir, tmp_path):

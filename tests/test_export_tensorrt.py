@@ -99,7 +99,7 @@ def test_tensorrt_build_run_refit(export_model_dir, export_model, subject_model,
     manifest = build_engines(export_model_dir, out, backend="tensorrt", precision=precision, max_frames=2,
                              networks=("unet", "vae_decoder"))
     build_s = time.perf_counter() - t0
-    assert {r["engine_action"] for r in manifest["networks"].values()} == {"built"}
+    assert {r.engine_action for r in manifest.networks.values()} == {"built"}
     assert (out / "unet.plan.json").is_file() and list(out.glob("timing-cache-*.bin"))
     engines = load_engines(out)
     unet = engines["unet"]
@@ -120,7 +120,7 @@ def test_tensorrt_build_run_refit(export_model_dir, export_model, subject_model,
                           networks=("unet", "vae_decoder"), refit_from=subject_dir)
     refit_s = time.perf_counter() - t0
     print(f"TensorRT {precision}: build {build_s:.1f} s, refit {refit_s:.1f} s")
-    assert {r["engine_action"] for r in refit["networks"].values()} == {"refit"}
+    assert {r.engine_action for r in refit.networks.values()} == {"refit"}
     sub = make_wrapper("unet", subject_model.copy().cuda(), precision)
     unet = load_engines(out)["unet"]
     got = unet.infer(inputs)["eps"].float()
@@ -132,7 +132,7 @@ def test_tensorrt_build_run_refit(export_model_dir, export_model, subject_model,
 def test_tensorrt_cuda_graph_replay(export_model_dir, tmp_path):
     _require_tensorrt()
     from dreampose_rt.export import build_engines
-    from dreampose_rt.export.tensorrt_backend import TensorRTEngine
+    from dreampose_rt.export.tensorrt_engine import TensorRTEngine
 
     out = tmp_path / "g"
     build_engines(export_model_dir, out, backend="tensorrt", precision="fp16", max_frames=1, networks=("vae_decoder",))

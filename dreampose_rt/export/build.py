@@ -7,7 +7,8 @@ For each network (cond_encoder, unet, vae_decoder) the engine folder holds::
                                      graph and weight hashes, the ONNX Runtime vs PyTorch check
     <net>.weightmap.json             engine weight -> PyTorch parameter (refit.py)
     <net>.plan, <net>.plan.json      TensorRT only: the engine and its metadata
-    manifest.json                    what was built: backend, precision, shapes, file per network
+    (the manifest)                   what was built: backend, precision, shapes, file per network
+                                     (dreampose_rt.export.manifest.EngineManifest, written last)
     timing-cache-<trt>-sm<cc>.bin    TensorRT only: the builder's timing cache, shared by the networks
 
 Reuse: the *export key* hashes the network's architecture config, the resolution, the precision, the
@@ -23,17 +24,18 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from dreampose.utils import DreamPoseError, PathLike, read_json, write_json
+from dreampose.utils import DreamPoseError, PathLike
 
 from .engine import Engine, OrtEngine
+from .manifest import ENGINE_BACKENDS, ENGINE_PRECISIONS, NETWORKS, EngineManifest, NetworkRecord, ShapeSpec
 from .metadata import EngineMetadata, check_metadata, current_device, import_tensorrt, metadata_path
-from .networks import PRECISIONS, ExportWrapper, ShapeSpec, make_wrapper
+from .networks import ExportWrapper, make_wrapper
 from .onnx_export import (
     DEFAULT_OPSET,
     check_onnx,
@@ -47,10 +49,7 @@ from .refit import WeightMap, build_weight_map, refit_onnx, weight_map_path
 
 logger = logging.getLogger(__name__)
 
-NETWORKS = ("cond_encoder", "unet", "vae_decoder")
-BACKENDS = ("onnxruntime", "tensorrt")
 REFITTABLE = ("unet", "vae_decoder")
-MANIFEST = "manifest.json"
 EXPORT_FORMAT = 1  # bump when the wrappers or the export change what a graph contains
 
 
@@ -71,10 +70,10 @@ class BuildOptions:
     networks: Sequence[str] = NETWORKS
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise DreamPoseError(f"unsupported backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
-        if self.precision not in PRECISIONS:
-            raise DreamPoseError(f"unsupported precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.backend not in ENGINE_BACKENDS:
+            raise DreamPoseError(f"unsupported backend {self.backend!r}: choose one of {', '.join(ENGINE_BACKENDS)}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise DreamPoseError(f"unsupported precision {self.precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
         if self.max_frames < 1:
             raise DreamPoseError(f"--max-frames must be >= 1, got {self.max_frames}")
         unknown = [n for n in self.networks if n not in NETWORKS]
@@ -84,24 +83,6 @@ class BuildOptions:
             raise DreamPoseError(f"vae output must be 'float' or 'uint8', got {self.vae_output!r}")
         if not 0 <= self.optimization_level <= 5:
             raise DreamPoseError(f"builder optimization level must be 0..5, got {self.optimization_level}")
-
-
-@dataclass
-class NetworkRecord:
-    """What happened to one network: 'reused', 'refit' or 'built', per artifact, and the files."""
-
-    name: str
-    onnx: str
-    onnx_action: str
-    engine: str
-    engine_action: str
-    metadata: str
-    weight_map: str
-    inputs: list[str]
-    outputs: list[str]
-    seconds: float
-    check: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _clean_config(config: Any) -> dict:
@@ -243,7 +224,7 @@ def _ensure_tensorrt(
     """Reuse, refit or build ``<net>.plan`` from the (already checked) ONNX graph."""
     from onnx import numpy_helper
 
-    from .tensorrt_backend import TensorRTEngine, TrtBuildOptions, build_engine
+    from .tensorrt_engine import TensorRTEngine, TrtBuildOptions, build_engine
 
     name = onnx_meta.network
     plan = out / f"{name}.plan"
@@ -313,8 +294,9 @@ def build_engines(
     max_frames: int = 4,
     refit_from: PathLike | None = None,
     **kwargs: Any,
-) -> dict:
-    """Export, check and build the engines of a DreamPose model folder into ``out_dir``. Returns the manifest.
+) -> EngineManifest:
+    """Export, check and build the engines of a DreamPose model folder into ``out_dir``. Returns the
+    manifest it wrote (EngineManifest).
 
     Args:
         model_dir: a DreamPose model folder (``DreamPoseModel.save_pretrained``): the architecture, and the
@@ -379,46 +361,59 @@ def build_engines(
         )
         logger.info("[%d/%d] %s: onnx %s, engine %s (%.1f s)", i, len(options.networks), name, action, engine_action,
                     records[name].seconds)
-    manifest = {
-        "format_version": 1,
-        "backend": options.backend,
-        "precision": options.precision,
-        "model_dir": str(Path(model_dir).resolve()),
-        "weights_from": str(Path(refit_from or model_dir).resolve()),
-        "shape_spec": spec.to_dict(),
-        "networks": {n: vars(r) for n, r in records.items()},
-        "seconds": round(time.perf_counter() - t_all, 3),
-    }
-    write_json(out / MANIFEST, manifest)
+    manifest = EngineManifest(
+        backend=options.backend,
+        precision=options.precision,
+        model_dir=str(Path(model_dir).resolve()),
+        weights_from=str(Path(refit_from or model_dir).resolve()),
+        shape_spec=spec,
+        networks=records,
+        seconds=round(time.perf_counter() - t_all, 3),
+        versions=_versions(options.backend),
+    )
+    manifest.save(out)
     return manifest
+
+
+def _versions(backend: str) -> dict[str, str]:
+    """What built the folder: dreampose-rt, torch and the engine backend."""
+    import dreampose_rt
+
+    versions = {"dreampose_rt": dreampose_rt.__version__, "torch": torch.__version__}
+    versions[backend] = current_device(backend)["backend_version"]
+    return versions
 
 
 def load_engines(
     engine_dir: PathLike,
+    manifest: EngineManifest | None = None,
     weights_hashes: dict[str, str] | None = None,
     providers: Sequence[str] | None = None,
     cuda_graph: bool = False,
 ) -> dict[str, Engine]:
-    """Open the engines listed in ``<engine_dir>/manifest.json``, each checked against its metadata.
+    """Open the engines of an engine folder, each checked against its metadata (backend version, GPU,
+    and the weights it holds).
 
     Args:
         engine_dir: a folder written by ``build_engines``.
-        weights_hashes: network -> expected weights hash (``state_dict_hash`` of the wrapper); a mismatch
-            raises EngineMismatchError ("rebuild"). None: not checked.
+        manifest: its manifest, already loaded (and checked against the model: EngineManifest.check);
+            None: loaded here.
+        weights_hashes: network -> expected weights hash (EngineManifest.expected_weights(model)); a
+            mismatch raises EngineMismatchError ("rebuild"). None: not checked.
         providers: ONNX Runtime providers (onnxruntime backend).
         cuda_graph: replay CUDA graphs (tensorrt backend).
 
     Returns network name -> loaded Engine.
     """
     engine_dir = Path(engine_dir)
-    manifest = read_json(engine_dir / MANIFEST)
+    manifest = manifest if manifest is not None else EngineManifest.load(engine_dir)
     engines: dict[str, Engine] = {}
-    for name, rec in manifest["networks"].items():
-        path = engine_dir / rec["engine"]
-        meta = EngineMetadata.load(engine_dir / rec["metadata"])
+    for name, rec in manifest.networks.items():
+        path = engine_dir / rec.engine
+        meta = EngineMetadata.load(engine_dir / rec.metadata)
         check_metadata(meta, str(path), weights_hash=(weights_hashes or {}).get(name))
         if meta.backend == "tensorrt":
-            from .tensorrt_backend import TensorRTEngine
+            from .tensorrt_engine import TensorRTEngine
 
             engine: Engine = TensorRTEngine(path, cuda_graph=cuda_graph)
         else:

@@ -1,11 +1,8 @@
 """The ``build-engine`` subcommand: thin argument parsing around ``build_engines``.
 
-Wiring (in dreampose_rt/cli.py)::
-
-    from dreampose_rt.export.cli import add_parser as add_build_engine
-    add_build_engine(subparsers)          # registers `build-engine`, sets args.func
-    ...
-    return args.func(args)                # 0 on success; DreamPoseError -> one line, exit 2
+``dreampose_rt.cli`` calls :func:`add_parser` to register it (this module imports no torch, so that
+``dreampose-rt --help`` stays fast); :func:`run` imports the export code when the command runs. A
+DreamPoseError from the build reaches the command line's handler: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -13,14 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .build import BACKENDS, NETWORKS, build_engines
-from .networks import PRECISIONS
+from .manifest import ENGINE_BACKENDS, ENGINE_PRECISIONS, NETWORKS
 
 logger = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the engines as ``args`` says; returns 0. DreamPoseErrors propagate to the CLI's handler."""
+    from .build import build_engines
+
     manifest = build_engines(
         args.model,
         args.out,
@@ -37,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         workspace_bytes=None if args.workspace_gb is None else int(args.workspace_gb * 1024**3),
         networks=tuple(args.networks),
     )
-    for name, rec in manifest["networks"].items():
-        logger.info("%s: %s (onnx %s, engine %s)", name, rec["engine"], rec["onnx_action"], rec["engine_action"])
-    logger.info("engines in %s (%s, %s), %.1f s", args.out, manifest["backend"], manifest["precision"], manifest["seconds"])
+    for name, rec in manifest.networks.items():
+        logger.info("%s: %s (onnx %s, engine %s)", name, rec.engine, rec.onnx_action, rec.engine_action)
+    logger.info("engines in %s (%s, %s), %.1f s", args.out, manifest.backend, manifest.precision, manifest.seconds)
     return 0
 
 
@@ -56,8 +54,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     )
     p.add_argument("--model", required=True, metavar="DIR", help="DreamPose model folder (save_pretrained layout)")
     p.add_argument("--out", required=True, metavar="ENGINE_DIR", help="engine folder to create or update")
-    p.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(BACKENDS)} (default: onnxruntime)")
-    p.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default: fp32)")
+    p.add_argument("--backend", default="onnxruntime", choices=ENGINE_BACKENDS,
+                   help="the runtime backend the engines are for (default: onnxruntime)")
+    p.add_argument("--precision", default="fp32", choices=ENGINE_PRECISIONS,
+                   help="precision of the engines (default: fp32)")
     p.add_argument("--max-frames", type=int, default=4, metavar="N", help="frames per engine call (UNet batch 3N; default 4)")
     p.add_argument("--opt-frames", type=int, default=None, metavar="N", help="frames the profile is tuned for (default: max)")
     p.add_argument("--refit-from", default=None, metavar="SUBJECT_DIR",

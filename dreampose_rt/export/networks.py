@@ -30,7 +30,6 @@ graph does not need to know: it sees 3F independent samples.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -39,12 +38,13 @@ from torch import nn
 
 from dreampose.utils import DreamPoseError
 
+from .manifest import ENGINE_PRECISIONS, ShapeSpec
+
 if TYPE_CHECKING:  # pragma: no cover
     from dreampose.model import DreamPoseModel
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
 BRANCHES = 3  # classifier-free guidance branches in a UNet batch
 
 Shape = tuple[int, ...]
@@ -56,44 +56,7 @@ def torch_dtype(precision: str) -> torch.dtype:
         return torch.float32
     if precision == "fp16":
         return torch.float16
-    raise DreamPoseError(f"unsupported precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-
-
-@dataclass(frozen=True)
-class ShapeSpec:
-    """How far the shapes may move: frames per call and (optionally) the image resolution.
-
-    Attributes:
-        min_frames, opt_frames, max_frames: frames per engine call (the UNet sees 3x as many samples).
-        height, width: the image resolution the profile is tuned for (opt).
-        dynamic_resolution: if True, height and width are dynamic axes between ``min_resolution`` and
-            ``max_resolution`` (pixels, both sides); otherwise the resolution is static.
-    """
-
-    min_frames: int = 1
-    opt_frames: int = 4
-    max_frames: int = 4
-    height: int = 640
-    width: int = 512
-    dynamic_resolution: bool = False
-    min_resolution: int = 256
-    max_resolution: int = 1024
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_frames <= self.opt_frames <= self.max_frames:
-            raise DreamPoseError(
-                f"frames must satisfy 1 <= min <= opt <= max, got {self.min_frames} / {self.opt_frames} / {self.max_frames}"
-            )
-        if self.dynamic_resolution and not (
-            self.min_resolution <= min(self.height, self.width) and max(self.height, self.width) <= self.max_resolution
-        ):
-            raise DreamPoseError(
-                f"resolution {self.height} x {self.width} is outside the dynamic range "
-                f"[{self.min_resolution}, {self.max_resolution}]"
-            )
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+    raise DreamPoseError(f"unsupported precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
 
 
 class ExportWrapper(nn.Module):
