@@ -1,16 +1,21 @@
-"""Build script: the Python packages plus the C++ extension ``dreampose_rt._C``.
+"""Build script: the Python packages plus the C++ extensions ``dreampose_rt._C`` and ``dreampose_rt._C_testing``.
 
-The scheduler core (csrc/scheduler/, csrc/parallel.*) is plain C++17 with no Python and no torch;
-the pybind11 glue reads torch tensors directly (the per-step fast path), so the extension is built
-against the installed torch (CPU headers only, no CUDA) with torch's own compiler flags (C++20 for
-torch >= 2.10). Build without isolation, next to the torch you will run: ``pip install
---no-build-isolation -e .`` (``make install`` does). Where torch cannot be imported at build time the
-extension is skipped with a warning and the pure-Python scheduler is used.
+* ``dreampose_rt._C`` (the product): the scheduler core (csrc/scheduler/, csrc/parallel.*, plain C++17
+  with no Python and no torch) and its pybind11 glue (csrc/module.cpp, csrc/scheduler_bindings.cpp).
+* ``dreampose_rt._C_testing`` exists only for the tests: hooks into the thread pool and the fp16
+  conversions (csrc/testing/), compiled with its own copy of the core sources they exercise
+  (csrc/parallel.cpp, csrc/scheduler/step_kernel.cpp). Nothing in the package imports it.
+
+The glue reads torch tensors directly (the per-step fast path), so both are built against the installed
+torch (CPU headers only, no CUDA) with torch's own compiler flags (C++20 for torch >= 2.10). Build without
+isolation, next to the torch you will run: ``pip install --no-build-isolation -e .`` (``make install``
+does). Where torch cannot be imported at build time the extensions are skipped with a warning and the
+pure-Python scheduler is used.
 
 Environment variables:
 
-* ``DREAMPOSE_RT_SKIP_EXT=1``: do not build the extension (the pure-Python fallbacks are used).
-* ``DREAMPOSE_RT_DEBUG=1``: build the extension with ``-O0 -g``.
+* ``DREAMPOSE_RT_SKIP_EXT=1``: do not build the extensions (the pure-Python fallbacks are used).
+* ``DREAMPOSE_RT_DEBUG=1``: build the extensions with ``-O0 -g``.
 * ``MAX_JOBS``: parallel compile jobs (default: the number of CPUs).
 """
 
@@ -42,22 +47,29 @@ def _ext_modules() -> list:
     cpp_extension = _torch_cpp_extension()
     if cpp_extension is None:
         return []
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    core = sorted(glob.glob(os.path.join("csrc", "scheduler", "*.cpp"))) + [os.path.join("csrc", "parallel.cpp")]
+    product = sorted(glob.glob(os.path.join("csrc", "*_bindings.cpp"))) + [os.path.join("csrc", "module.cpp")]
+    testing = sorted(glob.glob(os.path.join("csrc", "testing", "*.cpp"))) + [
+        os.path.join("csrc", "parallel.cpp"),
+        os.path.join("csrc", "scheduler", "step_kernel.cpp"),
+    ]
     debug = os.environ.get("DREAMPOSE_RT_DEBUG", "0") == "1"
     extra = ["-O0", "-g"] if debug else ["-O3"]
     if sys.platform != "win32":
         # -Wno-psabi: GCC notes that 32-byte vector arguments of internal helpers change the ABI without AVX
         extra += ["-pthread", "-fvisibility=hidden", "-Wno-psabi"]
-    return [
-        cpp_extension.CppExtension(
-            "dreampose_rt._C",
+
+    def extension(name: str, sources: list[str]):
+        return cpp_extension.CppExtension(
+            name,
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args=extra,
             extra_link_args=["-pthread"] if sys.platform != "win32" else [],
             define_macros=[("DREAMPOSE_RT_BUILD_FLAGS", '"' + " ".join(extra) + '"')],
         )
-    ]
+
+    return [extension("dreampose_rt._C", product + core), extension("dreampose_rt._C_testing", testing)]
 
 
 def _cmdclass() -> dict:
@@ -73,13 +85,12 @@ def _cmdclass() -> dict:
     return {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
+# The installed packages are the folders of the same names. benchmarks/ is not installed: the suite runs
+# from a checkout (`python -m benchmarks ...`), and the runtime never imports it.
 packages = find_packages(include=["dreampose", "dreampose.*", "dreampose_rt", "dreampose_rt.*"])
-# export/ and benchmarks/ live at the top level of the repository but install inside dreampose_rt.
-packages += ["dreampose_rt.export", "dreampose_rt.benchmarks"]
 
 setup(
     packages=packages,
-    package_dir={"dreampose_rt.export": "export", "dreampose_rt.benchmarks": "benchmarks"},
     package_data={"dreampose": ["configs/*/*.json", "configs/*.json"], "dreampose_rt": ["assets/*", "assets/demo_model/*", "assets/demo_model/*/*"]},
     include_package_data=True,
     ext_modules=_ext_modules(),

@@ -1,12 +1,12 @@
 """Fused guidance + scheduler step (Triton) vs the eager combine + diffusers step, on CUDA.
 
-    python -m dreampose_rt.benchmarks.bench_fused_step [--frames 1 4 16] [--scheduler dpmpp] [--dtype fp16]
+    python -m benchmarks.bench_fused_step [--frames 1 4 16] [--scheduler dpmpp] [--dtype fp16]
 
 At 80 x 64 latents (4 channels) for each F:
 
 - ``kernel_us``: one fused step (a steady-state row of the table) with L2 cold and no launch cost: a CUDA
   graph of N launches, each on its own copy of every buffer (together >= 4 x L2), replayed; per launch,
-  median. ``achieved_GBps`` = the bytes that row moves (:func:`dreampose_rt.kernels.bytes_moved`) /
+  median. ``achieved_GBps`` = the bytes that row moves (:func:`bytes_moved`) /
   ``kernel_us``, compared with the nominal 3.0 TB/s of an H100 and with this device's measured copy
   bandwidth (a 512 MiB device-to-device copy). At one frame (0.37 MB) a kernel's start and drain, not
   bandwidth, set the time (1.6 us with inputs in L2 on an H100: 0.37 MB at 3 TB/s would be 0.12 us).
@@ -35,12 +35,13 @@ import platform
 import re
 import statistics
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from dreampose.utils import atomic_file
 from dreampose_rt.graphs import capture as capture_graph
+from dreampose_rt.scheduler.table import AKEEP, AM, MAX_HISTORY, OA, OH0, OS, SAVE_SAMPLE, WRITE_SLOT
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -53,6 +54,20 @@ DIFFUSERS_CLASS = {"dpmpp": "DPMSolverMultistepScheduler", "pndm": "PNDMSchedule
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NOMINAL_COPY_GBPS = 3000.0  # H100 SXM device copy, as measured on the lent machine (~3.0 TB/s)
 
+
+def bytes_moved(row: Sequence[float], frames: int, frame_numel: int, dtype: torch.dtype, num_slots: int) -> int:
+    """Bytes the kernel reads and writes for one step with table row ``row`` (the bandwidth model).
+
+    Reads: 3 branches + x (dtype), and each fp32 state term with a non-zero coefficient; writes: out
+    (dtype) and each state buffer updated. ``num_slots``: history slots of the run.
+    """
+    n = frames * frame_numel
+    e = torch.empty((), dtype=dtype).element_size()
+    total = 4 * n * e + n * e  # e00, eIP, eI0, x in; out
+    reads = [row[OS] != 0] + [row[OH0 + j] != 0 and j < num_slots for j in range(MAX_HISTORY)]
+    reads += [row[OA] != 0 or row[AKEEP] != 0]
+    writes = [row[WRITE_SLOT] >= 0, row[SAVE_SAMPLE] != 0, row[AKEEP] != 0 or row[AM] != 0 or row[OA] != 0]
+    return total + 4 * n * (sum(map(bool, reads)) + sum(map(bool, writes)))
 
 def _events_ms(fn: Callable[[], None]) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -103,7 +118,8 @@ def bench(frames: int, scheduler: str, steps: int, dtype: torch.dtype, rounds: i
     import triton.testing
 
     from dreampose.guidance import combine_guidance
-    from dreampose_rt.kernels import FusedSampler, bytes_moved, guided_step
+    from dreampose_rt.kernels import guided_step
+    from dreampose_rt.sampler import FusedSampler
     from dreampose_rt.scheduler import create_scheduler
 
     device = torch.device("cuda")
@@ -203,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print(
             "bench_fused_step needs a CUDA GPU (torch.cuda.is_available() is False here): nothing measured, "
-            "nothing written. The CPU data plane is timed by dreampose_rt.benchmarks.bench_scheduler."
+            "nothing written. The CPU data plane is timed by benchmarks.bench_scheduler."
         )
         return 0
-    from dreampose_rt.kernels import kernel_available
+    from dreampose_rt.kernels import kernel_availability
 
-    ok, reason = kernel_available()
-    if not ok:
-        print(f"bench_fused_step: the Triton kernel cannot run here: {reason}")
+    kernel = kernel_availability()
+    if not kernel:
+        print(f"bench_fused_step: the Triton kernel cannot run here: {kernel.reason}")
         return 1
 
     import triton

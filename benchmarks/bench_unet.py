@@ -1,6 +1,6 @@
 """One UNet call in each precision and memory layout, interleaved: where a frame's time goes.
 
-    python -m dreampose_rt.benchmarks.bench_unet [--model sd15] [--batches 3 24]
+    python -m benchmarks.bench_unet [--model sd15] [--batches 3 24]
         [--variants fp16,fp16-cl,bf16-cl] [--rounds 10] [--compile MODE]
 
 At the paper's settings the UNet is ~99% of a frame's FLOPs (101 calls of 3 samples each), so its call
@@ -189,7 +189,7 @@ def bench(model, variants: list[str], batches: list[int], device: torch.device, 
     h, w = model.latent_size
     meta = meta_copy(model)
     flops_per_sample = count_flops(
-        lambda: meta.denoise(torch.empty(1, model.latent_channels, h, w, device="meta"),
+        lambda: meta.predict_noise(torch.empty(1, model.latent_channels, h, w, device="meta"),
                              torch.empty(1, model.config.pose_window_channels, h, w, device="meta"),
                              torch.tensor(500, device="meta"),
                              torch.empty(1, model.adapter.config.clip_tokens, model.adapter.config.clip_dim,

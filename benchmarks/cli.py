@@ -1,18 +1,24 @@
-"""``dreampose-rt bench``: the benchmark suite from the command line (registered by dreampose_rt.cli).
+"""``python -m benchmarks``: the benchmark suite from the command line, run from a checkout.
 
-    dreampose-rt bench --device cuda --model sd15 --frames 4            # the paper's settings, every backend
-    dreampose-rt bench --device cpu --model tiny --frames 2 --steps 4   # a quick look on a laptop
-    dreampose-rt bench --backends baseline,torch,onnxruntime --build-engines
+    python -m benchmarks --device cuda --model sd15 --frames 4            # the paper's settings, every backend
+    python -m benchmarks --device cpu --model tiny --frames 2 --steps 4   # a quick look on a laptop
+    python -m benchmarks --backends baseline,torch,onnxruntime --build-engines
 
-Prints the markdown table and writes <out-dir>/bench_<device>_<model>_<date>.{json,md,png}.
+Prints the markdown table and writes <out-dir>/bench_<device>_<model>_<date>.{json,md,png}. The other
+benchmarks run as their own modules (``python -m benchmarks.bench_unet``, ``.bench_fused_step``,
+``.bench_scheduler``, ``.scheduler_warmup``). Errors in the settings print one line and exit with 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from typing import Sequence
 
-from .suite import RUNTIME_BACKENDS, VARIANTS, BenchSettings
+from dreampose.settings import PRECISIONS, SCHEDULER_NAMES
+
+from .suite import RUNTIME_BACKENDS, VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -23,32 +29,39 @@ def _backends(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from dreampose.settings import SamplingSettings
+
     from .bench_scheduler import RESULTS
     from .report import markdown, write_outputs
-    from .suite import run_suite
+    from .suite import BenchSettings, model_config, run_suite
 
+    sampling = SamplingSettings.for_model(model_config(args.model), scheduler=args.scheduler, steps=args.steps,
+                                          seed=args.seed)
     settings = BenchSettings(
         device=args.device, model=args.model, frames=args.frames, frames_per_batch=args.frames_per_batch,
-        steps=args.steps, scheduler=args.scheduler, baseline_steps=args.baseline_steps,
+        sampling=sampling, model_seed=args.seed, baseline_steps=args.baseline_steps,
         baseline_frames=args.baseline_frames, backends=args.backends,
         precision=args.precision, repeats=args.repeats, warmup=args.warmup,
-        breakdown_rounds=args.breakdown_rounds, seed=args.seed, engines=args.engines,
+        breakdown_rounds=args.breakdown_rounds, engines=args.engines,
         build_engines=args.build_engines, cache_dir=args.cache_dir, compile_mode=args.compile_mode,
         channels_last=args.channels_last,
         peak_tflops=args.peak_tflops, micro=not args.no_micro, micro_rounds=args.micro_rounds,
     )  # fmt: skip
     result = run_suite(settings)
     paths = write_outputs(result, args.out_dir or RESULTS)
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    sys.stdout.write(markdown(result) + "\n")
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="benchmark the original release's way of rendering against every backend (one run, one table)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command line."""
+    from dreampose_rt.cli import ArgumentParser, add_common_options
+
+    p = ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
+    add_common_options(p, top_level=True)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--model", default="tiny",
                    help="tiny (the test configuration), sd15 (SD 1.5-size networks, random weights, 640 x 512: "
@@ -57,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--frames-per-batch", type=int, default=None,
                    help="frames per UNet call in the batched render (default: T; engines: at most their max)")
     p.add_argument("--steps", type=int, default=100, help="denoising steps of the runtime backends (default: 100)")
-    p.add_argument("--scheduler", default="pndm", choices=["pndm", "ddim", "dpmpp"],
+    p.add_argument("--scheduler", default="pndm", choices=SCHEDULER_NAMES,
                    help="scheduler of the runtime backends (the baseline always runs diffusers' PNDM)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="PNDM steps of the baseline (default: --steps; the original release: 100)")
@@ -66,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "time, so its s/frame does not depend on this; fewer saves minutes on a GPU")
     p.add_argument("--backends", type=_backends, default=list(VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)}, or all (default: all)")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="runtime backends' precision (default: fp16 on CUDA, fp32 on the CPU; engines: theirs)")
     p.add_argument("--repeats", type=int, default=3, help="measured interleaved rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not measured (default: 1)")
@@ -87,3 +100,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="folder for the JSON, markdown and PNG (default: benchmarks/results)")
     p.set_defaults(func=cmd_bench)
     return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks``: the exit code."""
+    from dreampose_rt.cli import run_command
+
+    return run_command(build_parser(), argv, prog="benchmarks")

@@ -78,15 +78,15 @@ step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -o addopts
 while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 30 ]; do sleep 1; done
 kill -0 $BUILD 2>/dev/null && { pkill -P $BUILD; kill $BUILD; echo "== build_ext: stopped at the deadline" | tee -a "$R/steps.txt"; }
 timeout 60 python3 -m dreampose_rt.info > "$R/info.txt" 2>&1
-step bench_unet 130 python3 -m dreampose_rt.benchmarks.bench_unet --model sd15 --batches 3 24 \
+step bench_unet 130 python3 -m benchmarks.bench_unet --model sd15 --batches 3 24 \
   --variants fp16,fp16-cl,bf16-cl,fp16-flash,fp16-efficient,fp16-cudnnattn --rounds 5 --results "$R"
-step fused_step 40 python3 -m dreampose_rt.benchmarks.bench_fused_step --frames 1 4 16 --dtype fp16 --rounds 20 \
+step fused_step 40 python3 -m benchmarks.bench_fused_step --frames 1 4 16 --dtype fp16 --rounds 20 \
   --results "$R"
-step compile 180 python3 -m dreampose_rt.benchmarks.bench_unet --model sd15 --batches 3 24 --variants fp16 \
+step compile 180 python3 -m benchmarks.bench_unet --model sd15 --batches 3 24 --variants fp16 \
   --rounds 4 --compile default --results "$R"
-step suite 170 python3 -m dreampose_rt.cli bench --device cuda --model sd15 --frames 8 --baseline-frames 1 \
+step suite 170 python3 -m benchmarks --device cuda --model sd15 --frames 8 --baseline-frames 1 \
   --steps 100 --backends baseline,torch --repeats 2 --warmup 1 --micro-rounds 3 --out-dir "$R"
-step suite_cl 150 python3 -m dreampose_rt.cli bench --device cuda --model sd15 --frames 8 --steps 100 \
+step suite_cl 150 python3 -m benchmarks --device cuda --model sd15 --frames 8 --steps 100 \
   --backends torch --channels-last --repeats 2 --warmup 1 --micro-rounds 2 --out-dir "$R"
 
 timeout 30 tar -czf "${OUT:-benchmarks/results}/gpu_session.tar.gz" -C "$R" . && echo "packed $(ls "$R" | wc -l) files"

@@ -213,7 +213,7 @@ def dreampose_flops(model) -> dict[str, int]:
     pose = torch.empty(n, c.pose_window_channels, h, w, device=dev)
     ehs = torch.empty(n, tokens, dim, device=dev)
     t = torch.tensor(500, device=dev)
-    unet = count_flops(lambda: meta.denoise(x, pose, t, ehs)) // n
+    unet = count_flops(lambda: meta.predict_noise(x, pose, t, ehs)) // n
     decode = count_flops(lambda: meta.decode(torch.empty(1, model.latent_channels, h, w, device=dev)))
     pixels = torch.empty(1, 3, c.height, c.width, device=dev)
     encode = count_flops(lambda: (meta.encode_image(pixels), meta.encode_null_image(1)))

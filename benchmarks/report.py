@@ -44,8 +44,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# dreampose-rt bench: {result['model']['name']} ({result['model']['height']} x {result['model']['width']}) "
         f"on {dev['name']}",
         "",
-        f"{result['date']}; {s['frames']} frames, {s['steps']} {s['scheduler']} steps (baseline: "
-        f"{s['baseline_steps'] or s['steps']} PNDM steps"
+        f"{result['date']}; {s['frames']} frames, {s['sampling']['steps']} {s['sampling']['scheduler']} steps "
+        f"(baseline: {s['baseline_steps'] or s['sampling']['steps']} PNDM steps"
         + (f", {s['baseline_frames']} of the frames in its batched mode" if s.get("baseline_frames") else "")
         + f"), {s['repeats']} interleaved rounds after {s['warmup']} "
         f"warm-up; timing: {result['timing']}; torch {v['torch']}"
@@ -157,7 +157,7 @@ def bar_chart(result: dict[str, Any], path: str | Path) -> None:
     d.text((12, 10), f"dreampose-rt bench: {m['name']} {m['height']}x{m['width']} on {result['device']['name']}",
            fill="black", font=title)
     s = result["settings"]
-    d.text((12, 36), f"seconds per frame (median, whisker p95); {s['steps']} {s['scheduler']} steps, "
+    d.text((12, 36), f"seconds per frame (median, whisker p95); {s['sampling']['steps']} {s['sampling']['scheduler']} steps, "
            f"{s['frames']} frames batched; {result['date'][:10]}", fill=(80, 80, 80), font=small)  # fmt: skip
     vmax = max(r[mode]["seconds_per_frame"]["p95"] for r in variants.values() for mode in MODE_LABELS)
     scale = (width - left - right) / vmax

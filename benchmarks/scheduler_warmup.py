@@ -1,6 +1,6 @@
 """How long each step of a 100-step PLMS run takes, by its index, after a pause of each kind.
 
-    python -m dreampose_rt.benchmarks.scheduler_warmup [--runs 40] [--frames 1]
+    python -m benchmarks.scheduler_warmup [--runs 40] [--frames 1]
 
 bench_scheduler times whole runs; this one times every call (perf_counter around each ``step``) and
 gives, per step index, the median over ``--runs`` runs, each run after one of: nothing (``none``), 2 ms

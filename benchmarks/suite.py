@@ -1,7 +1,7 @@
 """The benchmark suite: the original release's way of rendering against every backend, in one run.
 
-    from dreampose_rt.benchmarks.suite import BenchSettings, run_suite
-    result = run_suite(BenchSettings(device="cuda", model="sd15", frames=4))
+    from benchmarks.suite import BenchSettings, run_suite
+    result = run_suite(BenchSettings(device="cuda", model="sd15", frames=4))   # from a checkout
 
 Variants:
 
@@ -41,8 +41,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dreampose.model import DreamPoseModel
+from dreampose.model import DreamPoseConfig, DreamPoseModel
+from dreampose.settings import PRECISIONS, SamplingSettings, check_choice, torch_dtype
 from dreampose.utils import DreamPoseError, read_json
+from dreampose_rt.backends import AUTO_ORDER
 
 from .measure import (
     MemoryMeter,
@@ -58,17 +60,19 @@ from .measure import (
 logger = logging.getLogger(__name__)
 
 BASELINE = "baseline"
-RUNTIME_BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
+RUNTIME_BACKENDS = tuple(reversed(AUTO_ORDER))  # the runtime's backends, the reference first
 VARIANTS = (BASELINE, *RUNTIME_BACKENDS)
 MODES = ("one_frame", "batched")
 MODELS = ("tiny", "sd15")
 SCHEMA_VERSION = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchSettings:
-    """What to run. ``frames_per_batch=None``: all ``frames`` in one UNet call (capped by engines' limits);
-    ``baseline_steps=None``: the same as ``steps``; ``baseline_frames=None``: the baseline's batched mode
+    """What to run, checked on construction. ``sampling``: how the runtime backends sample (the baseline
+    always runs diffusers' PNDM, with ``sampling``'s scales and seed); ``model_seed``: the random weights of
+    the tiny / sd15 models. ``frames_per_batch=None``: all ``frames`` in one UNet call (capped by engines'
+    limits); ``baseline_steps=None``: the same as ``sampling.steps``; ``baseline_frames=None``: the baseline's batched mode
     renders all ``frames`` (it renders one frame at a time with everything recomputed, so its seconds per
     frame do not depend on how many: fewer save minutes on a GPU at the same result); ``precision=None``:
     fp16 on CUDA, fp32 on the CPU (the runtime backends; the baseline is always fp32; engines run at their
@@ -78,8 +82,8 @@ class BenchSettings:
     model: str = "tiny"
     frames: int = 4
     frames_per_batch: int | None = None
-    steps: int = 100
-    scheduler: str = "pndm"
+    sampling: SamplingSettings = SamplingSettings()
+    model_seed: int = 0
     baseline_steps: int | None = None
     baseline_frames: int | None = None
     backends: Sequence[str] = VARIANTS
@@ -87,7 +91,6 @@ class BenchSettings:
     repeats: int = 3
     warmup: int = 1
     breakdown_rounds: int = 1
-    seed: int = 0
     engines: str | None = None
     build_engines: bool = False
     cache_dir: str | None = None
@@ -97,10 +100,11 @@ class BenchSettings:
     micro: bool = True
     micro_rounds: int = 10
 
-    def validate(self) -> None:
-        from dreampose_rt.runtime import PRECISIONS, SCHEDULERS
-
-        for name in ("frames", "steps", "repeats", "breakdown_rounds", "micro_rounds"):
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampling, SamplingSettings):
+            raise DreamPoseError(f"sampling must be a SamplingSettings, got {type(self.sampling).__name__}")
+        object.__setattr__(self, "backends", tuple(self.backends))
+        for name in ("frames", "repeats", "breakdown_rounds", "micro_rounds"):
             if getattr(self, name) < 1:
                 raise DreamPoseError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -111,10 +115,8 @@ class BenchSettings:
             raise DreamPoseError(f"baseline_frames must be in 1..frames ({self.frames}), got {self.baseline_frames}")
         if self.baseline_steps is not None and self.baseline_steps < 1:
             raise DreamPoseError(f"baseline_steps must be >= 1, got {self.baseline_steps}")
-        if self.scheduler not in SCHEDULERS:
-            raise DreamPoseError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise DreamPoseError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision is not None:
+            check_choice("precision", self.precision, PRECISIONS)
         unknown = [b for b in self.backends if b not in VARIANTS]
         if unknown:
             raise DreamPoseError(f"unknown backend(s) {unknown}; choose from {', '.join(VARIANTS)}")
@@ -143,6 +145,18 @@ class Variant:
 # --------------------------------------------------------------------------------------------------
 # Set-up
 # --------------------------------------------------------------------------------------------------
+def model_config(spec: str) -> DreamPoseConfig:
+    """The DreamPoseConfig of a bench model (its step and guidance defaults) without loading the weights."""
+    if spec in MODELS:
+        return DreamPoseConfig()
+    path = Path(spec)
+    if not path.is_dir():
+        raise DreamPoseError(f"--model {spec!r}: not 'tiny', 'sd15' or a model folder")
+    from dreampose.model import CONFIG_NAME
+
+    return DreamPoseConfig.from_dict(read_json(path / CONFIG_NAME), str(path / CONFIG_NAME))
+
+
 def load_model(spec: str, seed: int) -> tuple[DreamPoseModel, str]:
     """'tiny' | 'sd15' | a model folder -> (fp32 model on the CPU, description)."""
     if spec == "tiny":
@@ -187,19 +201,19 @@ def _baseline(models: _Models, image: np.ndarray, poses: np.ndarray, s: BenchSet
     model = models.get(torch.float32)
     timer = PhaseRecorder(models.device)
     pipe = DreamPosePipeline(model)
-    steps = s.baseline_steps or s.steps
-    c = model.config
+    steps = s.baseline_steps or s.sampling.steps
+    sampling = s.sampling.replace(scheduler="pndm", steps=steps, noise="shared")
 
     def render(frames: list[int], frames_per_batch: int) -> None:
         pose_seq = pipe.prepare_poses(poses)
         for i in frames:  # one frame at a time, everything recomputed
             subject = pipe.encode_subject(image)
-            latents = pipe.initial_noise([i], s.seed, "shared")
-            latents = pipe.denoise(subject, pose_seq, [i], latents, steps, "pndm", c.s_image, c.s_pose)
+            latents = pipe.initial_noise([i], sampling.seed, sampling.noise)
+            latents = pipe.denoise(subject, pose_seq, [i], latents, sampling)
             pipe.decode(latents)
 
     def unet(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> torch.Tensor:
-        return model.denoise(x, p, t, ehs)
+        return model.predict_noise(x, p, t, ehs)
 
     return Variant(
         name=BASELINE,
@@ -222,11 +236,11 @@ def _engine_dir(name: str, base: DreamPoseModel, device: torch.device, s: BenchS
     cache = Path(s.cache_dir or Path(tempfile.gettempdir()) / "dreampose-rt-bench")
     key = s.model if s.model in MODELS else Path(s.model).resolve().name
     precision = "fp16" if device.type == "cuda" else "fp32"
-    model_dir = cache / f"{key}-seed{s.seed}" / "model"
+    model_dir = cache / f"{key}-seed{s.model_seed}" / "model"
     if not (model_dir / "dreampose.json").is_file():
         logger.info("bench: saving the model to %s for the engine build", model_dir)
         base.save_pretrained(model_dir)
-    out = cache / f"{key}-seed{s.seed}" / f"engines-onnxruntime-{precision}-f{s.frames}"
+    out = cache / f"{key}-seed{s.model_seed}" / f"engines-onnxruntime-{precision}-f{s.frames}"
     logger.info("bench: building (or reusing) onnxruntime engines in %s", out)
     build_engines(model_dir if s.model in MODELS else s.model, out, backend="onnxruntime", precision=precision,
                   max_frames=s.frames)
@@ -238,7 +252,8 @@ def _runtime_variant(
 ) -> Variant | str:
     """A runtime on backend ``name``, or the reason it cannot run here."""
     from dreampose_rt.backends import BACKENDS
-    from dreampose_rt.runtime import PRECISIONS, Runtime
+    from dreampose_rt.export.manifest import EngineManifest
+    from dreampose_rt.runtime import Runtime
 
     device = models.device
     engines: Path | None = None
@@ -250,16 +265,15 @@ def _runtime_variant(
             return f"engine build failed: {e}"
     precision = s.precision or ("fp16" if device.type == "cuda" else "fp32")
     limit = s.frames
-    if engines is not None and (engines / "manifest.json").is_file():
-        manifest = read_json(engines / "manifest.json")
-        precision = manifest.get("precision", precision)
-        limit = int(manifest.get("shape_spec", {}).get("max_frames", limit))
+    if engines is not None and EngineManifest.exists(engines):
+        manifest = EngineManifest.load(engines)
+        precision, limit = manifest.precision, manifest.max_frames
     avail = BACKENDS[name].availability(device, precision, engines)
     if not avail:
         if engines is None and "engine folder" in avail.reason:
             return avail.reason + (" (pass --engines DIR or --build-engines)" if name == "onnxruntime" else " (pass --engines DIR)")
         return avail.reason
-    dtype = PRECISIONS[precision]
+    dtype = torch_dtype(precision)
     channels_last = name in ("torch", "compiled") and s.channels_last
     model = models.get(dtype, channels_last)
     options: dict[str, Any] = {"engines": engines}
@@ -279,20 +293,20 @@ def _runtime_variant(
 
     def render(frames: list[int], frames_per_batch: int) -> None:
         rt.clear_cache()  # every render pays for its conditioning once, as a new video does
-        rt.render(poses, image=image, steps=s.steps, scheduler=s.scheduler, seed=s.seed, frames=frames,
-                  frames_per_batch=frames_per_batch)
+        rt.render(poses, image, s.sampling, frames=frames, frames_per_batch=frames_per_batch)
 
     if engines is not None:
         weights = sum(f.stat().st_size for f in engines.iterdir() if f.suffix in (".onnx", ".data", ".plan"))
     else:
         weights = module_bytes(model)
-    info: dict[str, Any] = {"steps": s.steps, "scheduler": s.scheduler, "backend": backend.describe()}
+    info: dict[str, Any] = {"steps": s.sampling.steps, "scheduler": s.sampling.scheduler,
+                            "backend": backend.describe()}
     if hasattr(rt, "data_plane"):
         info["data_plane"] = rt.data_plane()
     if engines is not None:
         info["engines"] = {"dir": str(engines), "origin": origin}
     return Variant(
-        name=name, description=f"runtime, {backend.describe()}, {s.scheduler} {s.steps} steps, "
+        name=name, description=f"runtime, {backend.describe()}, {s.sampling.scheduler} {s.sampling.steps} steps, "
         f"conditioning once per video, up to {fpb} frames per call",
         precision=precision, frames_per_batch=fpb, render=render, timer=timer,
         attach=lambda t: setattr(rt, "timer", t), weights_bytes=weights,
@@ -375,12 +389,11 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     from dreampose_rt.runtime import resolve_device
 
     s = settings
-    s.validate()
     device = resolve_device(s.device)
     if s.model == "sd15" and device.type == "cpu":
         logger.warning("bench: the sd15 model at 640 x 512 on the CPU is very slow (~320 TFLOP per frame at 100 "
                        "steps: hours per frame); it is meant for a GPU")  # fmt: skip
-    base, model_desc = load_model(s.model, s.seed)
+    base, model_desc = load_model(s.model, s.model_seed)
     image, poses = _inputs(base, s.frames)
     logger.info("bench: counting FLOPs on a meta copy of the model")
     flops = dreampose_flops(base)
@@ -495,8 +508,6 @@ def bench_unet_calls(variants: Sequence[Variant], model: DreamPoseModel, device:
                      warmup: int = 2) -> dict[str, Any]:
     """One UNet call at batch 3 (one frame) per variant, interleaved; median ms per call and ratio to torch
     (for ONNX Runtime vs torch: the same inputs, latents (3, 4, h, w), pose window (3, 2n, h, w), ehs (3, N, D))."""
-    from dreampose_rt.runtime import PRECISIONS
-
     h, w = model.latent_size
     c = model.config
     g = torch.Generator().manual_seed(0)
@@ -508,7 +519,7 @@ def bench_unet_calls(variants: Sequence[Variant], model: DreamPoseModel, device:
     samples: dict[str, list[float]] = {v.name: [] for v in timed}
     for r in range(warmup + rounds):
         for v in timed:
-            dtype = PRECISIONS[v.precision]
+            dtype = torch_dtype(v.precision)
             dt = time_call(lambda: v.unet(x.to(dtype), p.to(dtype), t, ehs.to(dtype)), device)
             if r >= warmup:
                 samples[v.name].append(dt)
@@ -526,20 +537,21 @@ def run_micro(variants: Sequence[Variant], model: DreamPoseModel, device: torch.
 
     out: dict[str, Any] = {}
     logger.info("bench: micro: scheduler step (C++ vs diffusers, CPU, 4 x 80 x 64)")
-    out["scheduler_step"] = bench_scheduler.bench(1, s.micro_rounds, s.steps, "auto")
+    out["scheduler_step"] = bench_scheduler.bench(1, s.micro_rounds, s.sampling.steps, "auto")
     if device.type != "cuda":
         out["fused_step"] = {"skipped": "the Triton fused step is timed on CUDA only (bench_fused_step)"}
     else:
-        from dreampose_rt.kernels import kernel_available
+        from dreampose_rt.kernels import kernel_availability
 
-        ok, reason = kernel_available()
-        if not ok:
-            out["fused_step"] = {"skipped": f"the Triton kernel cannot run here: {reason}"}
+        kernel = kernel_availability()
+        if not kernel:
+            out["fused_step"] = {"skipped": f"the Triton kernel cannot run here: {kernel.reason}"}
         else:
             logger.info("bench: micro: fused guidance + update (Triton vs eager)")
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(s.precision or "fp16", torch.float16)
             copy = bench_fused_step.copy_bandwidth_gbps()
-            out["fused_step"] = bench_fused_step.bench(1, s.scheduler, s.steps, dtype, s.micro_rounds, copy)
+            out["fused_step"] = bench_fused_step.bench(1, s.sampling.scheduler, s.sampling.steps, dtype, s.micro_rounds,
+                                                       copy)
     logger.info("bench: micro: one UNet call per backend")
     out["unet_call"] = bench_unet_calls(variants, model, device, s.micro_rounds)
     return out

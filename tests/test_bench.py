@@ -25,10 +25,10 @@ def _numbers(obj, path=""):
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    from dreampose_rt.cli import main
+    from benchmarks.cli import main
 
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--device", "cpu", "--model", "tiny", "--frames", "2", "--baseline-frames", "1", "--steps", "2",
+    argv = ["--device", "cpu", "--model", "tiny", "--frames", "2", "--baseline-frames", "1", "--steps", "2",
             "--repeats", "2",
             "--warmup", "0", "--backends", "baseline,torch,tensorrt", "--micro-rounds", "1", "--out-dir", str(out),
             "--quiet"]  # fmt: skip
@@ -63,7 +63,7 @@ def test_bench_json_fields_and_positive_numbers(bench_run):
     assert rec["variants"]["baseline"]["batched"]["frames"] == 1
     assert rec["variants"]["torch"]["batched"]["frames"] == 2
     assert rec["versions"]["torch"] == torch.__version__
-    assert rec["settings"]["steps"] == 2 and rec["settings"]["frames"] == 2
+    assert rec["settings"]["sampling"]["steps"] == 2 and rec["settings"]["frames"] == 2
     assert rec["memory_kind"] in ("process_rss_peak", "process_rss_lifetime_peak")
     assert set(rec["variants"]) == {"baseline", "torch"}
     assert "tensorrt" in rec["unavailable"] and rec["unavailable"]["tensorrt"]
@@ -89,7 +89,7 @@ def test_bench_json_fields_and_positive_numbers(bench_run):
 def test_flop_count_matches_performance_doc_for_sd15():
     """On a meta copy, the SD 1.5-size UNet at 80 x 64 costs ~1.04 TFLOP per sample (performance.md: ~1.05)."""
     from dreampose.model import DreamPoseModel
-    from dreampose_rt.benchmarks.measure import dreampose_flops
+    from benchmarks.measure import dreampose_flops
 
     with torch.device("meta"):
         model = DreamPoseModel.sd15_random()
@@ -100,7 +100,7 @@ def test_flop_count_matches_performance_doc_for_sd15():
 
 def test_flop_count_includes_attention_and_uses_a_meta_copy(tiny_model):
     """Attention is counted on meta (4 B H L^2 D for QK^T and PV), and the copy leaves the model untouched."""
-    from dreampose_rt.benchmarks.measure import count_flops, meta_copy
+    from benchmarks.measure import count_flops, meta_copy
 
     b, heads, length, d = 2, 4, 96, 16
     q = torch.empty(b, heads, length, d, device="meta")
@@ -111,24 +111,24 @@ def test_flop_count_includes_attention_and_uses_a_meta_copy(tiny_model):
 
 
 def test_peak_table_and_settings_checks():
-    from dreampose_rt.benchmarks.measure import device_peak_tflops
-    from dreampose_rt.benchmarks.suite import BenchSettings
+    from benchmarks.measure import device_peak_tflops
+    from benchmarks.suite import BenchSettings
 
     assert device_peak_tflops("NVIDIA H100 80GB HBM3")[0] == 800.0
     assert device_peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
     assert device_peak_tflops("NVIDIA A100-SXM4-80GB")[0] == 312.0
     assert device_peak_tflops("Some Future GPU")[0] is None
     with pytest.raises(DreamPoseError, match="unknown backend"):
-        BenchSettings(backends=["torch", "tensorflow"]).validate()
+        BenchSettings(backends=["torch", "tensorflow"])
     with pytest.raises(DreamPoseError, match="frames_per_batch"):
-        BenchSettings(frames=2, frames_per_batch=3).validate()
+        BenchSettings(frames=2, frames_per_batch=3)
     with pytest.raises(DreamPoseError, match="baseline_frames must be in 1..frames"):
-        BenchSettings(frames=2, baseline_frames=3).validate()
+        BenchSettings(frames=2, baseline_frames=3)
 
 
 def test_bench_unet_times_each_variant_and_rejects_a_wrong_one(tiny_model, monkeypatch, tmp_path):
     """bench_unet on the CPU (tiny model): every variant checked against the fp32 call before it is timed."""
-    from dreampose_rt.benchmarks import bench_unet
+    from benchmarks import bench_unet
 
     rec = bench_unet.bench(tiny_model, ["fp32", "fp32-cl", "bf16-cl"], [3, 6], torch.device("cpu"), rounds=1,
                            replays=1)  # fmt: skip
@@ -168,7 +168,7 @@ def test_bench_unet_times_each_variant_and_rejects_a_wrong_one(tiny_model, monke
 @pytest.mark.gpu
 def test_bench_unet_on_cuda_compares_what_the_graph_computes(tiny_model):
     """On CUDA each variant is a captured graph: its output must be what a replay writes, and match fp32."""
-    from dreampose_rt.benchmarks import bench_unet
+    from benchmarks import bench_unet
 
     rec = bench_unet.bench(tiny_model, ["fp32", "fp16-cl", "bf16"], [3], torch.device("cuda"), rounds=1, replays=1)
     assert not rec["rejected"], rec["rejected"]
@@ -177,7 +177,7 @@ def test_bench_unet_on_cuda_compares_what_the_graph_computes(tiny_model):
 
 
 def test_scheduler_warmup_times_every_step_index(tmp_path):
-    from dreampose_rt.benchmarks import scheduler_warmup
+    from benchmarks import scheduler_warmup
 
     for pause in scheduler_warmup.PAUSES:
         med = scheduler_warmup.per_step(pause, runs=1, frames=1, steps=5)

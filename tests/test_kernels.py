@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from dreampose.guidance import combine_guidance
-from dreampose_rt.kernels import FusedSampler, bytes_moved, guided_step, guided_step_ref, kernel_available
+from dreampose_rt.kernels import guided_step, guided_step_ref, kernel_availability
+from dreampose_rt.sampler import FusedSampler
 from dreampose_rt.kernels import fused_step
 from dreampose_rt.scheduler import StepState, TableInfo, create_scheduler
 from dreampose_rt.scheduler.table import (
@@ -442,6 +443,8 @@ def test_bytes_moved_counts_the_buffers_a_row_uses():
     row = table[1].tolist()  # second-order step: reads H[0], writes H[0]
     n = 2 * 4 * 80 * 64
     assert row[OH0] != 0 and row[WRITE_SLOT] == 0
+    from benchmarks.bench_fused_step import bytes_moved
+
     assert bytes_moved(row, 2, 4 * 80 * 64, torch.float16, 1) == 5 * n * 2 + 2 * n * 4
 
 
@@ -461,10 +464,10 @@ def test_cpu_without_interpreter_says_why_and_refuses():
     res = _fresh_python(
         """
         import torch
-        from dreampose_rt.kernels import kernel_available, guided_step
+        from dreampose_rt.kernels import kernel_availability, guided_step
         from dreampose_rt.scheduler import StepState
-        ok, reason = kernel_available()
-        print("AVAILABLE", ok, reason)
+        a = kernel_availability()
+        print("AVAILABLE", a.ok, a.reason)
         try:
             guided_step(torch.zeros(3, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.zeros(1, 15), 0, 1.0, 1.0,
                         StepState(None, None, None))
@@ -486,8 +489,7 @@ def test_info_reports_the_kernel():
 
     sections = dict(info.collect())
     rows = dict(sections["fused guidance + scheduler step (Triton)"])
-    ok, reason = kernel_available()
-    assert rows["status"] == ("available: " if ok else "unavailable: ") + reason
+    assert rows["status"] == kernel_availability().describe()
     assert ("interpreter" in rows["status"]) == fused_step._interpreting()
 
 
@@ -534,7 +536,7 @@ def test_kernel_compiles_for_sm90():
 
 
 def test_benchmark_on_cpu_says_it_needs_cuda(tmp_path, capsys):
-    from dreampose_rt.benchmarks import bench_fused_step
+    from benchmarks import bench_fused_step
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the benchmark would run for real")
@@ -546,7 +548,7 @@ def test_benchmark_on_cpu_says_it_needs_cuda(tmp_path, capsys):
 @pytest.mark.gpu
 def test_benchmark_record_on_cuda():
     """bench_fused_step's record on a GPU (numbers only checked for sense: the benchmark suite measures)."""
-    from dreampose_rt.benchmarks import bench_fused_step
+    from benchmarks import bench_fused_step
 
     r = bench_fused_step.bench(1, "dpmpp", 6, torch.float16, rounds=1, copy_gbps=3000.0)
     assert r["cold_buffer_sets"] * r["bytes_moved"] >= 4 * torch.cuda.get_device_properties(0).L2_cache_size

@@ -1,13 +1,14 @@
 """Triton kernels of the runtime (optional: ``pip install dreampose-rt[kernels]``).
 
-    from dreampose_rt.kernels import kernel_available, FusedSampler, guided_step, guided_step_ref
+    from dreampose_rt.kernels import kernel_availability, guided_step, guided_step_ref
 
 - :func:`guided_step` / :func:`guided_step_ref`: three-branch guidance + one scheduler step from the
-  coefficient table, in one pass (:mod:`dreampose_rt.kernels.fused_step`).
-- :class:`FusedSampler`: the table, state buffers, step counter and scales of a run, for the runtime.
+  coefficient table, in one pass (:mod:`dreampose_rt.kernels.fused_step`: kernel, launcher, public
+  function, reference). The runtime drives it through :class:`dreampose_rt.sampler.FusedSampler`.
 
-:func:`kernel_available` says whether the kernel can run here (and why not); it never raises. The
-other names import triton on first use (an ImportError names the missing package).
+:func:`kernel_availability` says whether the kernel can run here, and on what or why not (an
+:class:`dreampose_rt.availability.Availability`); it never raises. The other names import triton on
+first use (an ImportError names the missing package).
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ import logging
 import os
 from typing import Any
 
-import torch
+from ..availability import Availability
 
 logger = logging.getLogger(__name__)
 
 _LAZY = {
-    "FusedSampler": "fused_step",
     "SUPPORTED_DTYPES": "fused_step",
-    "bytes_moved": "fused_step",
     "guided_step": "fused_step",
     "guided_step_ref": "fused_step",
 }
@@ -47,19 +46,21 @@ def _load() -> Any | None:
     return importlib.import_module(".fused_step", __name__)
 
 
-def kernel_available() -> tuple[bool, str]:
-    """(available, reason): can :func:`guided_step` run on this machine, and on what."""
+def kernel_availability() -> Availability:
+    """Can :func:`guided_step` run on this machine, and on what (or why not)."""
     mod = _load()
     if mod is None:
-        return False, f"triton not importable ({_import_error})"
+        return Availability(False, f"triton not importable ({_import_error})")
+    import torch
     import triton
 
     if mod._interpreting():
-        return True, f"triton {triton.__version__} interpreter on the CPU (TRITON_INTERPRET=1: exact but slow; tests)"
+        return Availability(True, f"triton {triton.__version__} interpreter on the CPU "
+                                  "(TRITON_INTERPRET=1: exact but slow; tests)")
     if not torch.cuda.is_available():
         hint = " (TRITON_INTERPRET was set after triton was imported)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
-        return False, f"triton {triton.__version__} installed but no CUDA device{hint}"
-    return True, f"triton {triton.__version__} on CUDA ({torch.cuda.get_device_name()})"
+        return Availability(False, f"triton {triton.__version__} installed but no CUDA device{hint}")
+    return Availability(True, f"triton {triton.__version__} on CUDA ({torch.cuda.get_device_name()})")
 
 
 def __getattr__(name: str) -> Any:
@@ -68,4 +69,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["kernel_available", *sorted(_LAZY)]
+__all__ = ["kernel_availability", *sorted(_LAZY)]
