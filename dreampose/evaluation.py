@@ -1,6 +1,7 @@
 """The evaluation harness (``dreampose-rt evaluate``): render a test set, score it, show it.
 
-The protocol (pinned; :class:`Protocol` holds it and every report records it):
+The protocol (pinned; :class:`dreampose.settings.EvalProtocol` holds it and every report records it,
+with the sampling settings):
 
 - Test set: SynthFashion held out (seed ``TEST_SEED`` = 1000: subjects and motions that the demo model
   never saw; it trains on seed 0 and picks its guidance on seed 2), ``videos`` x ``n_frames`` frames; or
@@ -11,8 +12,9 @@ The protocol (pinned; :class:`Protocol` holds it and every report records it):
 - Resolution: the model's. SynthFashion renders at it; a UBC folder's frames are resized like the
   pipeline's image loading (bicubic, antialiased), its poses bilinearly.
 - Colour range: outputs and ground truth are uint8; metrics read them as float in [0, 1].
-- Sampling: the given scheduler, steps, guidance (the model's defaults unless set), seed 0, one shared
-  noise for all frames (the paper's), all targets of a video in one batch.
+- Sampling: a :class:`dreampose.settings.SamplingSettings` (the command line's default: the model's
+  steps and guidance, PNDM, seed 0, one shared noise for all frames as in the paper), all targets of a
+  video in one batch.
 - Metrics (dreampose.metrics), per frame then averaged per video; "overall" is the mean over all frames:
   L1, PSNR (dB, peak 1), SSIM (Gaussian 7 x 7, sigma 1.5), foreground IoU against the ground-truth
   silhouette (SynthFashion: the exact one; UBC: where the DensePose U or V is > 0), segmenting each frame
@@ -41,7 +43,6 @@ and ``strip.png`` (rows: subject, target pose, ground truth, output; for a few f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import time
@@ -53,15 +54,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreampose.metrics import feature_statistics, foreground_iou, frechet_distance, l1, psnr, ssim, to_unit
-from dreampose.model import DreamPoseModel
-from dreampose.pipeline import DreamPosePipeline
-from dreampose.schedulers import SCHEDULERS
-from dreampose.utils import DreamPoseError, PathLike, load_frozen_module, write_json
+from .metrics import feature_statistics, foreground_iou, frechet_distance, l1, psnr, ssim, to_unit
+from .model import DreamPoseModel
+from .pipeline import DreamPosePipeline
+from .settings import TEST_SEED, EvalProtocol, SamplingSettings
+from .utils import DreamPoseError, PathLike, load_frozen_module, write_json
 
 logger = logging.getLogger(__name__)
 
-TEST_SEED = 1000
+__all__ = ["TEST_SEED", "EvalProtocol", "EvalReport", "evaluate", "set_metrics", "strip_image", "test_videos",
+           "write_report"]
 METRICS = ("l1", "psnr", "ssim", "iou", "iou_strict")
 SET_METRICS = ("fid", "fvd")
 FID_SIZE = 299  # Inception-v3 input
@@ -72,40 +74,6 @@ FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------
 # Protocol and test videos
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Protocol:
-    """What is rendered and how (see the module docstring). ``data``: "synth" or a UBC-layout folder."""
-
-    data: str = "synth"
-    seed: int = TEST_SEED
-    videos: int = 8
-    n_frames: int = 16
-    subject_frame: int = 0
-    first_target: int = 2
-    stride: int = 2
-    max_targets: int = 7
-    scheduler: str = "pndm"
-    steps: int = 100
-    s_image: float | None = None
-    s_pose: float | None = None
-    sample_seed: int = 0
-    noise: str = "shared"
-    fvd_clip: int = 16
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise DreamPoseError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if self.videos < 1 or self.steps < 1 or self.stride < 1 or self.max_targets < 1 or self.fvd_clip < 1:
-            raise DreamPoseError("videos, steps, stride, max_targets and fvd_clip must be >= 1")
-
-    def targets(self, n_frames: int) -> list[int]:
-        """The target frame indices of a video of ``n_frames`` frames."""
-        out = [k for k in range(self.first_target, n_frames, self.stride) if k != self.subject_frame]
-        if not out:
-            raise DreamPoseError(f"a video of {n_frames} frames has no target frame under {self}")
-        return out[: self.max_targets]
-
-
 @dataclass
 class TestVideo:
     """One test video at the model's resolution: images uint8 (T, H, W, 3), uv float32 (T, 2, H, W),
@@ -118,7 +86,7 @@ class TestVideo:
     background: np.ndarray
 
 
-def synth_test_videos(protocol: Protocol, height: int, width: int) -> list[TestVideo]:
+def synth_test_videos(protocol: EvalProtocol, height: int, width: int) -> list[TestVideo]:
     """The held-out SynthFashion videos of the protocol."""
     from dreampose.data.figure import render_backdrop
     from dreampose.data.synth import synth_video, video_name
@@ -130,7 +98,7 @@ def synth_test_videos(protocol: Protocol, height: int, width: int) -> list[TestV
     return out
 
 
-def ubc_test_videos(protocol: Protocol, height: int, width: int) -> list[TestVideo]:
+def ubc_test_videos(protocol: EvalProtocol, height: int, width: int) -> list[TestVideo]:
     """The first ``protocol.videos`` videos of a UBC-layout folder, resized to height x width."""
     from dreampose.data.dataset import UBCFolder, to_pixels
 
@@ -168,7 +136,7 @@ def _fill(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(bg), fallback[None, None], bg)
 
 
-def test_videos(protocol: Protocol, height: int, width: int) -> list[TestVideo]:
+def test_videos(protocol: EvalProtocol, height: int, width: int) -> list[TestVideo]:
     if protocol.data == "synth":
         return synth_test_videos(protocol, height, width)
     if not Path(protocol.data).is_dir():
@@ -359,10 +327,10 @@ class VideoResult:
 class EvalReport:
     """The result of :func:`evaluate`: the protocol, per-video results, and overall means over all frames."""
 
-    protocol: Protocol
+    protocol: EvalProtocol
+    sampling: SamplingSettings
     model_name: str
     videos: list[VideoResult]
-    guidance: tuple[float, float]
     set_level: dict[str, SetMetric] = field(default_factory=lambda: {m: not_computed(m) for m in SET_METRICS})
 
     def overall(self) -> dict:
@@ -382,8 +350,7 @@ class EvalReport:
         }
 
     def to_dict(self) -> dict:
-        return {"model": self.model_name, "protocol": dataclasses.asdict(self.protocol),
-                "guidance": {"s_image": self.guidance[0], "s_pose": self.guidance[1]},
+        return {"model": self.model_name, "protocol": self.protocol.to_dict(), "sampling": self.sampling.to_dict(),
                 "overall": self.overall(), "videos": [v.summary() for v in self.videos]}
 
     def markdown(self) -> str:
@@ -402,10 +369,11 @@ class EvalReport:
             lines.append(row(v.name, len(v.targets), s["model"], s["repeat"]["iou"], s["gt_iou"], s["seconds_per_frame"]))
         o = self.overall()
         lines.append(row("**overall**", o["frames"], o["model"], o["repeat"]["iou"], o["gt_iou"], o["seconds_per_frame"]))
-        p = self.protocol
-        guide = f"s_image {self.guidance[0]:g}, s_pose {self.guidance[1]:g}"
-        return (f"Model `{self.model_name}`; test set `{p.data}` (seed {p.seed}), {p.scheduler} {p.steps} steps, "
-                f"{guide}; subject = frame {p.subject_frame}, targets {p.first_target}::{p.stride}.\n\n"
+        p, s = self.protocol, self.sampling
+        guide = f"s_image {s.s_image:g}, s_pose {s.s_pose:g}"
+        return (f"Model `{self.model_name}`; test set `{p.data}` (seed {p.seed}), {s.scheduler} {s.steps} steps, "
+                f"{guide}, noise {s.noise} (seed {s.seed}); subject = frame {p.subject_frame}, targets "
+                f"{p.first_target}::{p.stride}.\n\n"
                 + "\n".join(lines) + "\n\n" + self.set_level_markdown())
 
     def set_level_markdown(self) -> str:
@@ -426,7 +394,9 @@ class EvalReport:
 # --------------------------------------------------------------------------------------------------
 def evaluate(
     model: DreamPoseModel,
-    protocol: Protocol = Protocol(),
+    protocol: EvalProtocol = EvalProtocol(),
+    *,
+    sampling: SamplingSettings | None = None,
     model_name: str = "model",
     lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     keep_outputs: bool = False,
@@ -436,6 +406,8 @@ def evaluate(
 ) -> EvalReport:
     """Render the protocol's test set with ``model`` (the reference pipeline) and score it.
 
+    ``sampling``: how to render (None: the model's defaults, PNDM, seed 0, shared noise).
+
     ``fid_model`` / ``fvd_model``: local feature extractors (:func:`load_feature_extractor`, conventions in
     :func:`set_metrics`); FID / FVD are reported overall only when given.
     Returns an EvalReport; with ``keep_outputs`` each VideoResult also holds the rendered frames
@@ -443,17 +415,14 @@ def evaluate(
     """
     c = model.config
     pipe = DreamPosePipeline(model)
-    s_image = c.s_image if protocol.s_image is None else protocol.s_image
-    s_pose = c.s_pose if protocol.s_pose is None else protocol.s_pose
+    sampling = SamplingSettings.for_model(c) if sampling is None else sampling
     results = []
     rendered: dict[str, list[np.ndarray]] = {"model": [], "gt": [], "repeat": []}
     for video in test_videos(protocol, c.height, c.width):
         targets = protocol.targets(len(video.images))
         subject = video.images[protocol.subject_frame]
         t0 = time.perf_counter()
-        frames = pipe(subject, video.uv, steps=protocol.steps, scheduler=protocol.scheduler, s_image=s_image,
-                      s_pose=s_pose, seed=protocol.sample_seed, noise=protocol.noise, frames=targets,
-                      frames_per_batch=len(targets), progress=progress)
+        frames = pipe(subject, video.uv, sampling, frames=targets, frames_per_batch=len(targets), progress=progress)
         seconds = time.perf_counter() - t0
         repeat = np.repeat(subject[None], len(targets), axis=0)
         gt = video.images[targets]
@@ -473,7 +442,7 @@ def evaluate(
             rendered["repeat"].append(repeat)
     level = set_metrics(rendered["model"], rendered["gt"], rendered["repeat"], fid_model, fvd_model,
                         protocol.fvd_clip)
-    return EvalReport(protocol, model_name, results, (s_image, s_pose), level)
+    return EvalReport(protocol, sampling, model_name, results, level)
 
 
 def pose_image(uv: np.ndarray) -> np.ndarray:
@@ -483,7 +452,7 @@ def pose_image(uv: np.ndarray) -> np.ndarray:
     return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def strip_image(report: EvalReport, protocol: Protocol, height: int, width: int, n_videos: int = 2,
+def strip_image(report: EvalReport, protocol: EvalProtocol, height: int, width: int, n_videos: int = 2,
                 n_frames: int = 4, pad: int = 2) -> np.ndarray:
     """A side-by-side strip uint8 (rows x H, cols x W, 3): for each of the first ``n_videos`` videos, four
     rows (subject, target pose, ground truth, output), ``n_frames`` target frames as columns."""
@@ -519,66 +488,3 @@ def write_report(report: EvalReport, out_dir: PathLike, strip: np.ndarray | None
     if strip is not None:
         write_png(strip, out / "strip.png")
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``dreampose-rt evaluate``."""
-    p = subparsers.add_parser("evaluate", help="render a test set and report L1, PSNR, SSIM, foreground IoU "
-                                               "(LPIPS, FID, FVD with local weights)",
-                              description=__doc__.split("\n\n")[0])
-    d = Protocol()
-    p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
-    p.add_argument("--data", default="synth", help="'synth' (SynthFashion held out) or a UBC-layout folder")
-    p.add_argument("--out", required=True, help="output folder: metrics.json, metrics.md, strip.png")
-    p.add_argument("--videos", type=int, default=d.videos)
-    p.add_argument("--frames", type=int, default=d.n_frames, help="frames per video (SynthFashion; UBC: at most)")
-    p.add_argument("--seed", type=int, default=d.seed, help="SynthFashion seed of the test set")
-    p.add_argument("--stride", type=int, default=d.stride, help="every STRIDE-th frame is a target")
-    p.add_argument("--max-targets", type=int, default=d.max_targets)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--s-image", type=float, default=None)
-    p.add_argument("--s-pose", type=float, default=None)
-    p.add_argument("--lpips", default=None, help="a local exported LPIPS module (.pt2 or TorchScript)")
-    p.add_argument("--fid-model", default=None,
-                   help="FID: a local Inception-v3 pool3 extractor (.pt2 or TorchScript), "
-                        "(N, 3, 299, 299) in [-1, 1] -> (N, 2048); see docs/quality.md")
-    p.add_argument("--fvd-model", default=None,
-                   help="FVD: a local I3D extractor (.pt2 or TorchScript), "
-                        "(N, 3, T, 224, 224) in [-1, 1] -> (N, 400)")
-    p.add_argument("--fvd-clip", type=int, default=d.fvd_clip,
-                   help="FVD clip length in targets (consecutive, non-overlapping; shorter videos give no clip)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_evaluate)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .demo import demo_model
-
-    protocol = Protocol(data=args.data, seed=args.seed, videos=args.videos, n_frames=args.frames, stride=args.stride,
-                        max_targets=args.max_targets, scheduler=args.scheduler, steps=args.steps,
-                        s_image=args.s_image, s_pose=args.s_pose, fvd_clip=args.fvd_clip)
-    if args.model is None:
-        model, name = demo_model(), "demo"
-    else:
-        model, name = DreamPoseModel.from_pretrained(args.model), str(args.model)
-    model = model.to(args.device).eval()
-    lpips = None
-    if args.lpips:
-        from dreampose.training.finetune import load_perceptual_loss
-
-        lpips = load_perceptual_loss(args.lpips, model.device)
-    fid_model = load_feature_extractor(args.fid_model, model.device, "FID model") if args.fid_model else None
-    fvd_model = load_feature_extractor(args.fvd_model, model.device, "FVD model") if args.fvd_model else None
-    report = evaluate(model, protocol, name, lpips=lpips, keep_outputs=True, progress=not args.quiet,
-                      fid_model=fid_model, fvd_model=fvd_model)
-    strip = strip_image(report, protocol, model.config.height, model.config.width)
-    out = write_report(report, args.out, strip)
-    print(report.markdown())
-    o = report.overall()
-    logger.info("wrote %s: IoU %.3f (repeat-subject %.3f, ceiling %.3f)", out, o["model"]["iou"], o["repeat"]["iou"],
-                o["gt_iou"])
-    return 0

@@ -416,7 +416,7 @@ class DreamPoseModel(nn.Module):
             raise DreamPoseError(f"image must be (B, 3, {c.height}, {c.width}) in [-1, 1], got {tuple(pixels.shape)}")
 
     # ---- denoising network ----------------------------------------------------------------------
-    def denoise(
+    def predict_noise(
         self,
         latents: torch.Tensor,
         pose_window: torch.Tensor,

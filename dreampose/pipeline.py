@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -29,13 +29,12 @@ from .guidance import NUM_BRANCHES, branch_batch, combine_guidance
 from .images import ImageLike, load_image, to_uint8
 from .model import DreamPoseModel
 from .poses import load_poses, pose_window, prepare_poses
-from .schedulers import SCHEDULERS, make_scheduler
+from .diffusers_schedulers import make_diffusers_scheduler
+from .settings import SamplingSettings, check_int
 from .timing import PhaseTimer, timed
 from .utils import DreamPoseError, PathLike
 
 logger = logging.getLogger(__name__)
-
-NOISE_MODES = ("shared", "per-frame")
 
 
 @dataclass
@@ -66,49 +65,47 @@ def batch_noise(seed: int, frames: Sequence[int], noise: str, shape: Sequence[in
     return torch.stack([frame_noise(seed, i, shape) for i in frames])
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """The sampler's settings of one render, defaults filled in from the model's config and checked."""
-
-    steps: int
-    scheduler: str
-    s_image: float
-    s_pose: float
-    noise: str
-
-    @classmethod
-    def resolve(
-        cls, config: Any, steps: int | None, scheduler: str, s_image: float | None, s_pose: float | None, noise: str
-    ) -> "SamplingSettings":
-        """Fill None with ``config``'s defaults (a DreamPoseConfig) and check every value."""
-        steps = config.num_inference_steps if steps is None else steps
-        s_image = config.s_image if s_image is None else float(s_image)
-        s_pose = config.s_pose if s_pose is None else float(s_pose)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise DreamPoseError(f"steps must be a positive integer, got {steps!r}")
-        if scheduler not in SCHEDULERS:
-            raise DreamPoseError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        for name, s in (("s_image", s_image), ("s_pose", s_pose)):
-            if not np.isfinite(s):
-                raise DreamPoseError(f"{name} must be finite, got {s}")
-        if noise not in NOISE_MODES:
-            raise DreamPoseError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        return cls(steps, scheduler, s_image, s_pose, noise)
-
-
 def resolve_frames(frames: Sequence[int] | None, n_total: int) -> list[int]:
-    """The frame indices to render (all by default), checked against the number of poses."""
-    out = list(range(n_total)) if frames is None else [int(i) for i in frames]
+    """The frame indices to render (all by default), checked against the number of poses.
+
+    ``frames``: integers in ``[0, n_total)`` (no duplicates); an empty list, a float or an index out of
+    range is a DreamPoseError that names the value.
+    """
+    if frames is None:
+        return list(range(n_total))
+    if isinstance(frames, (str, bytes)) or not hasattr(frames, "__iter__"):
+        raise DreamPoseError(f"frames must be a sequence of frame indices, got {frames!r}")
+    out = []
+    for i in frames:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise DreamPoseError(f"frames must hold integer frame indices, got {i!r}")
+        out.append(int(i))
+    if not out:
+        raise DreamPoseError("frames is empty: give at least one frame index (or None for all)")
     bad = [i for i in out if not 0 <= i < n_total]
     if bad:
-        raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses")
+        raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses (valid: 0 .. {n_total - 1})")
+    if len(set(out)) != len(out):
+        raise DreamPoseError(f"frames holds repeated indices: {sorted(i for i in set(out) if out.count(i) > 1)[:5]}")
     return out
 
 
-def check_frames_per_batch(frames_per_batch: int) -> int:
-    if isinstance(frames_per_batch, bool) or not isinstance(frames_per_batch, int) or frames_per_batch < 1:
-        raise DreamPoseError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
-    return frames_per_batch
+def check_frames_per_batch(frames_per_batch: Any) -> int:
+    """``frames_per_batch`` if it is an integer >= 1, else a DreamPoseError naming the value."""
+    return check_int("frames_per_batch", frames_per_batch, 1)
+
+
+def sampling_settings(config: Any, settings: SamplingSettings | None, given: dict[str, Any]) -> SamplingSettings:
+    """The render's SamplingSettings: ``settings`` as given, or built from ``given`` keyword values (None: the
+    model's defaults from ``config``); both at once is an error, as is a name that is not a setting."""
+    if settings is None:
+        return SamplingSettings.for_model(config, **given)
+    if not isinstance(settings, SamplingSettings):
+        raise DreamPoseError(f"settings must be a SamplingSettings, got {type(settings).__name__}")
+    extra = sorted(k for k, v in given.items() if v is not None)
+    if extra:
+        raise DreamPoseError(f"give either settings or {', '.join(extra)}, not both")
+    return settings
 
 
 class DreamPosePipeline:
@@ -125,7 +122,7 @@ class DreamPosePipeline:
     def __init__(
         self,
         model: DreamPoseModel,
-        scheduler_factory: Callable[[str, dict], Any] = make_scheduler,
+        scheduler_factory: Callable[[str, dict], Any] = make_diffusers_scheduler,
         timer: PhaseTimer | None = None,
     ) -> None:
         self.model = model.eval()
@@ -143,18 +140,11 @@ class DreamPosePipeline:
         return self.model.device
 
     # ---- 1. inputs --------------------------------------------------------------------------------
-    def check_inputs(
-        self,
-        steps: int | None,
-        scheduler: str,
-        s_image: float | None,
-        s_pose: float | None,
-        noise: str,
-        frames_per_batch: int,
-    ) -> SamplingSettings:
-        """Defaults from the model's config, then every setting checked (DreamPoseError names the value)."""
+    def check_inputs(self, settings: SamplingSettings | None, frames_per_batch: Any, **sampling: Any) -> SamplingSettings:
+        """The render's settings (``settings``, or the model's defaults overridden by ``sampling``: steps,
+        scheduler, s_image, s_pose, seed, noise), all checked (DreamPoseError names the value)."""
         check_frames_per_batch(frames_per_batch)
-        return SamplingSettings.resolve(self.model.config, steps, scheduler, s_image, s_pose, noise)
+        return sampling_settings(self.model.config, settings, sampling)
 
     # ---- 2. conditioning ----------------------------------------------------------------------
     @torch.no_grad()
@@ -185,16 +175,15 @@ class DreamPosePipeline:
         poses: torch.Tensor,
         frames: Sequence[int],
         latents: torch.Tensor,
-        steps: int,
-        scheduler: str,
-        s_image: float,
-        s_pose: float,
+        settings: SamplingSettings,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Run the sampler for F frames at once. latents (F, C, h, w) float32 noise -> (F, C, h, w) float32."""
+        """Run the whole sampler for F frames at once (one UNet call per step at batch 3F).
+
+        poses (T, 2, h, w) in [-1, 1]; latents (F, C, h, w) float32 noise -> (F, C, h, w) float32."""
         model = self.model
-        sched = self.scheduler_factory(scheduler, model.scheduler_config)
-        sched.set_timesteps(steps)
+        sched = self.scheduler_factory(settings.scheduler, model.scheduler_config)
+        sched.set_timesteps(settings.steps)
         window = pose_window(poses, list(frames), model.config.n_poses)  # (F, 10, h, w)
         latents = latents * sched.init_noise_sigma
         dtype = model.dtype
@@ -203,9 +192,9 @@ class DreamPosePipeline:
         for t in sched.timesteps:
             x = sched.scale_model_input(latents, t).repeat(NUM_BRANCHES, 1, 1, 1)
             with timed(self.timer, "unet"):
-                eps_all = model.denoise(x.to(dtype), p, t.to(self.device), ehs)
+                eps_all = model.predict_noise(x.to(dtype), p, t.to(self.device), ehs)
             with timed(self.timer, "guidance_update"):
-                eps = combine_guidance(eps_all, len(frames), s_image, s_pose)
+                eps = combine_guidance(eps_all, len(frames), settings.s_image, settings.s_pose)
                 latents = sched.step(eps, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step()
@@ -223,27 +212,23 @@ class DreamPosePipeline:
         self,
         image: ImageLike | torch.Tensor,
         poses: PathLike | np.ndarray | torch.Tensor,
-        steps: int | None = None,
-        scheduler: str = "pndm",
-        s_image: float | None = None,
-        s_pose: float | None = None,
-        seed: int = 0,
-        noise: str = "shared",
+        settings: SamplingSettings | None = None,
+        *,
         frames: Sequence[int] | None = None,
         frames_per_batch: int = 1,
         progress: bool = True,
+        **sampling: Any,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (frame index, uint8 frame (H, W, 3)) as frames finish. Arguments as in ``__call__``."""
         from tqdm.auto import tqdm
 
-        steps, scheduler, s_image, s_pose, noise = astuple(
-            self.check_inputs(steps, scheduler, s_image, s_pose, noise, frames_per_batch))
+        settings = self.check_inputs(settings, frames_per_batch, **sampling)
         pose_seq = self.prepare_poses(poses)
         frames = resolve_frames(frames, pose_seq.shape[0])
         subject = self.encode_subject(image)
 
-        probe = self.scheduler_factory(scheduler, self.model.scheduler_config)
-        probe.set_timesteps(steps)
+        probe = self.scheduler_factory(settings.scheduler, self.model.scheduler_config)
+        probe.set_timesteps(settings.steps)
         calls_per_batch = len(probe.timesteps)
         batches = [frames[i : i + frames_per_batch] for i in range(0, len(frames), frames_per_batch)]
         bar = tqdm(total=len(batches) * calls_per_batch, unit="step", disable=not progress, desc="rendering",
@@ -251,9 +236,8 @@ class DreamPosePipeline:
         done = 0
         try:
             for batch in batches:
-                noise_lat = self.initial_noise(batch, seed, noise)
-                latents = self.denoise(subject, pose_seq, batch, noise_lat, steps, scheduler, s_image, s_pose,
-                                       on_step=lambda: bar.update(1))
+                noise_lat = self.initial_noise(batch, settings.seed, settings.noise)
+                latents = self.denoise(subject, pose_seq, batch, noise_lat, settings, on_step=lambda: bar.update(1))
                 for i, frame in zip(batch, self.decode(latents)):
                     done += 1
                     bar.set_postfix(frames=f"{done}/{len(frames)}")
@@ -265,30 +249,25 @@ class DreamPosePipeline:
         self,
         image: ImageLike | torch.Tensor,
         poses: PathLike | np.ndarray | torch.Tensor,
-        steps: int | None = None,
-        scheduler: str = "pndm",
-        s_image: float | None = None,
-        s_pose: float | None = None,
-        seed: int = 0,
-        noise: str = "shared",
+        settings: SamplingSettings | None = None,
+        *,
         frames: Sequence[int] | None = None,
         frames_per_batch: int = 1,
         progress: bool = True,
+        **sampling: Any,
     ) -> np.ndarray:
         """Render frames. Returns uint8 (T, H, W, 3), T = len(frames) (all poses by default).
 
         Args:
             image: the subject (path, PIL image, uint8/float array (H, W, 3), or tensor (3, H, W) in [0, 1]).
             poses: a pose source for dreampose.poses.load_poses, or an array (T, 2, H', W') of U, V in [0, 1].
-            steps: denoising steps (the model's default, 100 for the paper's PNDM).
-            scheduler: 'pndm' (PLMS, the paper's), 'ddim' or 'dpmpp' (DPM-Solver++ 2M).
-            s_image, s_pose: guidance scales (the model's defaults).
-            seed: noise seed; the same seed gives the same frames.
-            noise: 'shared' (one noise for all frames, the paper's) or 'per-frame'.
+            settings: a :class:`dreampose.settings.SamplingSettings`; or, instead, its values as keywords
+                (``steps``, ``scheduler`` ('pndm' the paper's, 'ddim', 'dpmpp'), ``s_image``, ``s_pose``,
+                ``seed``, ``noise`` ('shared' or 'per-frame')), the model's defaults for those not given.
             frames: indices to render (all by default); pose windows still see the whole sequence.
             frames_per_batch: frames per UNet call (the batch is 3 x this).
             progress: show a progress bar.
         """
-        out = [f for _, f in self.iter_frames(image, poses, steps, scheduler, s_image, s_pose, seed, noise,
-                                               frames, frames_per_batch, progress)]
+        out = [f for _, f in self.iter_frames(image, poses, settings, frames=frames,
+                                               frames_per_batch=frames_per_batch, progress=progress, **sampling)]
         return np.stack(out)

@@ -17,14 +17,15 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from dreampose.images import ImageLike
-from dreampose.pipeline import SamplingSettings, resolve_frames
+from dreampose.pipeline import check_frames_per_batch, resolve_frames
+from dreampose.settings import SamplingSettings
 from dreampose.utils import DreamPoseError, PathLike, write_json
 from dreampose.video import frame_name, output_kind, read_png, write_frames, write_png
 
@@ -33,20 +34,6 @@ from .runtime import Runtime
 logger = logging.getLogger(__name__)
 
 SETTINGS = "settings.json"
-
-
-@dataclass
-class RenderSettings:
-    """Everything that determines the frames of a render (and so whether a work folder can be resumed)."""
-
-    steps: int | None = None
-    scheduler: str = "pndm"
-    s_image: float | None = None
-    s_pose: float | None = None
-    seed: int = 0
-    noise: str = "shared"
-    frames_per_batch: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -80,28 +67,32 @@ def render_to_file(
     out: PathLike,
     poses: np.ndarray,
     image: ImageLike | None,
-    settings: RenderSettings,
+    settings: SamplingSettings,
+    *,
     frames: Sequence[int] | None = None,
+    frames_per_batch: int | None = None,
     fps: float = 8.0,
     progress: bool = True,
     restart: bool = False,
 ) -> RenderReport:
     """Render ``frames`` (all by default) to ``out`` (.mp4, .gif or a PNG folder), resumably.
 
-    poses: float32 (T, 2, H, W) U, V in [0, 1] (already loaded). A work folder left by an interrupted
-    render with the same settings is resumed; one left by a render with other settings is an error
-    (its frames are not thrown away) unless ``restart`` is True. Returns a RenderReport.
+    poses: float32 (T, 2, H, W) U, V in [0, 1] (already loaded). settings: how to sample (resolved by
+    the caller). frames_per_batch: frames per UNet call (None: the runtime's choice, kept on resume). A
+    work folder left by an interrupted render with the same settings is resumed; one left by a render with
+    other settings is an error (its frames are not thrown away) unless ``restart`` is True. Returns a
+    RenderReport.
     """
     out = Path(out)
     output_kind(out)  # reject an unsupported output before any work
     frames = resolve_frames(frames, len(poses))
-    sampling = SamplingSettings.resolve(runtime.config, settings.steps, settings.scheduler, settings.s_image,
-                                        settings.s_pose, settings.noise)  # defaults and explicit values alike
+    if frames_per_batch is not None:
+        check_frames_per_batch(frames_per_batch)
     pixels = runtime.load_subject(image)
     work = work_folder(out)
     with _exclusive(out):
         previous = _read_settings(work)
-        fpb = settings.frames_per_batch
+        fpb = frames_per_batch
         if fpb is None:  # auto batching depends on free memory: a resumed render keeps the first run's choice
             fpb = previous.get("frames_per_batch") if previous else None
             fpb = fpb if isinstance(fpb, int) else runtime.auto_frames_per_batch()
@@ -113,9 +104,7 @@ def render_to_file(
             "image": _digest(pixels.numpy()),
             "poses": _digest(poses),
             "frames": frames,
-            **asdict(sampling),
-            "seed": settings.seed,
-            "extra": settings.extra,
+            **settings.to_dict(),
             "frames_per_batch": fpb,  # batching changes the arithmetic: part of the identity
         }
         done = _resume(work, previous, identity, restart)
@@ -126,10 +115,8 @@ def render_to_file(
 
         start = time.perf_counter()
         rendered = 0
-        for i, frame in runtime.stream(
-            poses, image, sampling.steps, sampling.scheduler, sampling.s_image, sampling.s_pose, settings.seed,
-            sampling.noise, frames, fpb, progress, skip=sorted(done),
-        ):
+        for i, frame in runtime.stream(poses, image, settings, frames=frames, frames_per_batch=fpb, progress=progress,
+                                       skip=sorted(done)):
             write_png(frame, work / frame_name(i))
             rendered += 1
         seconds = time.perf_counter() - start

@@ -7,9 +7,12 @@ Each backend declares whether it can run on a device and why not, and implements
 * ``decode(latents (F, 4, h, w)) -> images (F, 3, H, W) in [-1, 1]``
 
 ``torch`` (eager, the reference), ``compiled`` (torch.compile of the UNet and the VAE decoder; on CUDA
-the compiled graphs replay through CUDA graphs), ``onnxruntime`` and ``tensorrt`` (engines written by
+the Runtime captures each whole step, compiled UNet included, in one CUDA graph), ``onnxruntime`` and
+``tensorrt`` (engines written by
 ``dreampose-rt build-engine``). Dispatch for ``backend="auto"`` walks :data:`AUTO_ORDER` and takes the
-first available one; the torch backend is always available.
+first backend whose :meth:`Backend.auto_availability` says yes (the compiled backend is skipped on the
+CPU, where compiling costs more than it saves on short renders; it runs there when asked for by name);
+the torch backend is always available. ``python -m dreampose_rt.info`` reports the same answers.
 """
 
 from __future__ import annotations
@@ -17,27 +20,17 @@ from __future__ import annotations
 import abc
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dreampose.model import DreamPoseModel
-from dreampose.utils import DreamPoseError, PathLike, read_json
+from dreampose.utils import DreamPoseError, PathLike
+
+from .availability import Availability
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Availability:
-    """Whether a backend can run here, and why not."""
-
-    ok: bool
-    reason: str = ""
-
-    def __bool__(self) -> bool:
-        return self.ok
 
 
 class Backend(abc.ABC):
@@ -63,6 +56,16 @@ class Backend(abc.ABC):
         if precision not in cls.precisions:
             return Availability(False, f"{cls.name} does not support {precision} (supports {', '.join(cls.precisions)})")
         return Availability(True)
+
+    @classmethod
+    def auto_availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
+        """Whether ``backend="auto"`` takes this backend here (it may run when asked for by name even if not)."""
+        return cls.availability(device, precision, engines)
+
+    @property
+    def max_frames(self) -> int | None:
+        """The most frames one call can take (engines are built for a number), None: no limit."""
+        return None
 
     @abc.abstractmethod
     def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -108,7 +111,7 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
              ehs: torch.Tensor) -> torch.Tensor:
-        return self.model.denoise(latents.to(self.dtype), pose_window.to(self.dtype), timestep, ehs.to(self.dtype),
+        return self.model.predict_noise(latents.to(self.dtype), pose_window.to(self.dtype), timestep, ehs.to(self.dtype),
                                   channels_last=self.channels_last)
 
     @torch.no_grad()
@@ -149,6 +152,13 @@ class CompiledBackend(TorchBackend):
             return Availability(False, "torch.compile on CUDA needs triton")
         return Availability(True)
 
+    @classmethod
+    def auto_availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
+        if device.type != "cuda":
+            return Availability(False, f"auto does not pick it on {device.type}: compiling costs more than it saves "
+                                       "on short renders (ask for it with --backend compiled)")
+        return cls.availability(device, precision, engines)
+
     @torch.no_grad()
     def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
              ehs: torch.Tensor) -> torch.Tensor:
@@ -166,7 +176,7 @@ class CompiledBackend(TorchBackend):
 
 
 class EngineBackend(Backend):
-    """Networks run by engines from ``build-engine`` (a folder with manifest.json)."""
+    """Networks run by engines from ``build-engine`` (an engine folder; its manifest says what it holds)."""
 
     engine_backend = ""
     graph_capturable = False  # ONNX Runtime synchronises; TensorRT replays its own graphs
@@ -177,30 +187,21 @@ class EngineBackend(Backend):
         if engines is None:
             raise DreamPoseError(f"the {self.name} backend needs engines: run `dreampose-rt build-engine` and pass --engines")
         from .export.build import load_engines
-        from .export.onnx_export import state_dict_hash
+        from .export.manifest import EngineManifest
 
         self.engine_dir = Path(engines)
-        manifest = check_manifest(self.engine_dir, self.engine_backend, model)
-        self.precision = manifest["precision"]
-        want = {"fp32": torch.float32, "fp16": torch.float16}.get(self.precision)
-        if want != dtype:
-            raise DreamPoseError(
-                f"{self.engine_dir}: engines were built in {self.precision} but {str(dtype).replace('torch.', '')} "
-                f"was asked for; leave --precision out to use theirs, or rebuild"
-            )
-        hashes = None
-        if options.get("check_weights", True):  # engines must hold this model's weights (else: refit/rebuild)
-            from .export.networks import make_wrapper
-
-            hashes = {}
-            for net, rec in manifest["networks"].items():
-                kwargs = {"output": "uint8" if "image_u8" in rec.get("outputs", ()) else "float"} if net == "vae_decoder" else {}
-                hashes[net] = state_dict_hash(make_wrapper(net, model, self.precision, **kwargs).state_dict())
-        self.engines = load_engines(self.engine_dir, weights_hashes=hashes, **self._load_options(options))
-        missing = {"cond_encoder", "unet", "vae_decoder"} - set(self.engines)
-        if missing:
-            raise DreamPoseError(f"{self.engine_dir}: engines for {sorted(missing)} are missing; run build-engine again")
+        self.manifest = EngineManifest.load(self.engine_dir)
+        precision = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+        self.manifest.check(self.engine_dir, model, self.engine_backend, precision)
+        self.precision = self.manifest.precision
+        # engines must hold this model's weights (else: refit or rebuild)
+        hashes = self.manifest.expected_weights(model) if options.get("check_weights", True) else None
+        self.engines = load_engines(self.engine_dir, self.manifest, weights_hashes=hashes, **self._load_options(options))
         self.io_dtype = torch.float16 if self.precision == "fp16" else torch.float32
+
+    @property
+    def max_frames(self) -> int:
+        return self.manifest.max_frames
 
     def _load_options(self, options: dict) -> dict:
         return {}
@@ -280,34 +281,17 @@ class TensorRTBackend(EngineBackend):
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b for b in (TensorRTBackend, OnnxRuntimeBackend, CompiledBackend, TorchBackend)
 }
-#: backend="auto": the first available, fastest first. compiled is tried on CUDA only (its CPU compile
-#: costs more than it saves on short renders); engine backends need an engine folder.
+#: backend="auto": the first whose auto_availability says yes, fastest first (engine backends need an
+#: engine folder; compiled is not taken on the CPU).
 AUTO_ORDER = ("tensorrt", "onnxruntime", "compiled", "torch")
 
 
-def check_manifest(engine_dir: Path, backend: str, model: DreamPoseModel) -> dict:
-    """Read an engine folder's manifest; it must be for ``backend`` and for this model's resolution."""
-    if not (engine_dir / "manifest.json").is_file():
-        raise DreamPoseError(f"{engine_dir}: not an engine folder (no manifest.json); run `dreampose-rt build-engine`")
-    manifest = read_json(engine_dir / "manifest.json")
-    if manifest.get("backend") != backend:
-        raise DreamPoseError(
-            f"{engine_dir}: engines were built for {manifest.get('backend')!r}, not {backend!r}; "
-            f"rebuild with `dreampose-rt build-engine --backend {backend}`"
-        )
-    spec = manifest.get("shape_spec", {})
-    c = model.config
-    if not spec.get("dynamic_resolution") and (spec.get("height"), spec.get("width")) != (c.height, c.width):
-        raise DreamPoseError(
-            f"{engine_dir}: engines were built for {spec.get('height')} x {spec.get('width')} but the model renders "
-            f"{c.height} x {c.width}; rebuild them for this model"
-        )
-    return manifest
-
-
-def availability_report(device: torch.device, precision: str, engines: PathLike | None = None) -> dict[str, Availability]:
-    """name -> Availability, for every backend, in dispatch order."""
-    return {name: BACKENDS[name].availability(device, precision, engines) for name in AUTO_ORDER}
+def availability_report(
+    device: torch.device, precision: str, engines: PathLike | None = None
+) -> dict[str, tuple[Availability, Availability]]:
+    """name -> (can it run here, does ``auto`` take it), for every backend, in dispatch order."""
+    return {name: (BACKENDS[name].availability(device, precision, engines),
+                   BACKENDS[name].auto_availability(device, precision, engines)) for name in AUTO_ORDER}
 
 
 def select_backend(name: str, device: torch.device, precision: str, engines: PathLike | None = None) -> type[Backend]:
@@ -320,8 +304,6 @@ def select_backend(name: str, device: torch.device, precision: str, engines: Pat
             raise DreamPoseError(f"backend {name!r} is not available: {avail.reason}")
         return BACKENDS[name]
     for candidate in AUTO_ORDER:
-        if candidate == "compiled" and device.type != "cuda":
-            continue
-        if BACKENDS[candidate].availability(device, precision, engines):
+        if BACKENDS[candidate].auto_availability(device, precision, engines):
             return BACKENDS[candidate]
     return TorchBackend

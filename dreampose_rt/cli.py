@@ -1,9 +1,14 @@
 """The ``dreampose-rt`` command line.
 
 Subcommands: ``animate`` (render a subject along a pose sequence; with no arguments, the embedded demo),
-``import-release`` (the original release's .pth checkpoints -> a model folder), and the ones other
-modules register (``build-engine``). Errors in the user's input print one line and exit with code 2;
-``--debug`` shows the traceback instead.
+``evaluate`` (the evaluation protocol of dreampose.evaluation), ``import-release`` (the original release's
+.pth checkpoints -> a model folder), and the ones other modules register: ``build-engine``
+(dreampose_rt.export.cli) and ``train``, ``finetune``, ``synth-data``, ``prepare-data``
+(dreampose.training.cli).
+
+Building the parser imports no torch (``dreampose-rt --help`` answers at once): each subcommand registers
+its options from a light module and imports its heavy code only when it runs. Errors in the user's input
+print one line and exit with code 2; exit 1 is an internal error; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,12 +19,18 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dreampose.settings import NOISE_MODES, PRECISIONS, SCHEDULER_NAMES, EvalProtocol
 from dreampose.utils import DreamPoseError
 
 logger = logging.getLogger("dreampose_rt")
 
-EXIT_USAGE = 2
+EXIT_OK = 0
 EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+#: what --fast means: DPM-Solver++ in 15 steps (within 2% of 100 PNDM steps on SSIM and foreground IoU on
+#: the demo model; docs/quality.md)
+FAST = {"scheduler": "dpmpp", "steps": 15}
 
 
 def parse_frames(spec: str, n_frames: int) -> list[int]:
@@ -39,11 +50,15 @@ def parse_frames(spec: str, n_frames: int) -> list[int]:
     return list(range(start, stop))
 
 
+# --------------------------------------------------------------------------------------------------
+# animate
+# --------------------------------------------------------------------------------------------------
 def cmd_animate(args: argparse.Namespace) -> int:
     from dreampose.poses import load_poses
+    from dreampose.settings import SamplingSettings
     from dreampose.video import output_kind
 
-    from .animate import RenderSettings, render_to_file
+    from .animate import render_to_file
     from .demo import demo_poses
     from .runtime import Runtime
 
@@ -52,6 +67,12 @@ def cmd_animate(args: argparse.Namespace) -> int:
     output_kind(args.out)  # reject an unsupported output before any work
     if args.image is not None and not Path(args.image).is_file():
         raise DreamPoseError(f"{args.image}: image not found")
+    sampling = {
+        "scheduler": args.scheduler or (FAST["scheduler"] if args.fast else None),
+        "steps": args.steps if args.steps is not None else (FAST["steps"] if args.fast else None),
+        "s_image": args.s_image, "s_pose": args.s_pose, "seed": args.seed, "noise": args.noise,
+    }
+    SamplingSettings.for_model(None, **sampling)  # every value checked before the model is loaded
     poses = load_poses(args.poses) if args.poses is not None else None
     if args.model is None:
         logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)")
@@ -62,24 +83,126 @@ def cmd_animate(args: argparse.Namespace) -> int:
         poses = demo_poses(height=c.height, width=c.width)
         logger.info("no --image/--poses: rendering the embedded demo (%d frames)", len(poses))
     frames = parse_frames(args.frames, len(poses)) if args.frames else None
-    from .runtime import FAST
-
-    scheduler = args.scheduler or (FAST["scheduler"] if args.fast else "pndm")
-    steps = args.steps if args.steps is not None else (FAST["steps"] if args.fast else None)
-    settings = RenderSettings(
-        steps=steps, scheduler=scheduler, s_image=args.s_image, s_pose=args.s_pose, seed=args.seed,
-        noise=args.noise, frames_per_batch=args.frames_per_batch,
-    )
-    report = render_to_file(rt, args.out, poses, args.image, settings, frames=frames, fps=args.fps,
-                            progress=not args.quiet, restart=args.restart)
+    settings = SamplingSettings.for_model(c, **sampling)
+    report = render_to_file(rt, args.out, poses, args.image, settings, frames=frames,
+                            frames_per_batch=args.frames_per_batch, fps=args.fps, progress=not args.quiet,
+                            restart=args.restart)
     logger.info(
         "wrote %s: %d frames of %d x %d; %d rendered in %.1f s (%.2f s per frame), %d resumed; backend %s",
         report.out, report.frames, c.width, c.height, report.rendered, report.seconds, report.seconds_per_frame,
         report.resumed, report.backend,
     )
-    return 0
+    return EXIT_OK
 
 
+def _add_animate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("animate", help="render a subject image along a pose sequence (no arguments: the demo)",
+                       description="Render a subject image along a pose sequence, one video frame per pose. With no "
+                                   "--image/--poses/--model: the embedded demo. Resumable: frames go to <OUT>.work/ "
+                                   "as they finish; the same command after a crash renders only what is missing.")
+    p.add_argument("--image", help="subject image (PNG/JPEG)")
+    p.add_argument("--poses", help="poses: folder of frame_<n>_densepose.npy, .npy/.npz (T, 2, H, W), or IUV images")
+    p.add_argument("--out", default="demo.mp4", help="output: .mp4, .gif, or a folder for PNGs (default: demo.mp4)")
+    p.add_argument("--model", help="DreamPose model folder (default: the embedded demo model)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 100)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="default: pndm (the paper's)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast mode: DPM-Solver++ with 15 steps (within 2%% of 100 PNDM steps; docs/quality.md)")
+    p.add_argument("--s-image", type=float, default=None, help="image guidance scale (default: the model's)")
+    p.add_argument("--s-pose", type=float, default=None, help="pose guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same frames (default: 0)")
+    p.add_argument("--noise", default="shared", choices=NOISE_MODES,
+                   help="one noise for all frames (the paper's, steadier video) or one per frame (default: shared)")
+    p.add_argument("--fps", type=float, default=8.0, help="frames per second of an .mp4 or .gif (default: 8)")
+    p.add_argument("--frames", help="frames to render, A:B (half-open), A:, :B or A (default: all)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the frames an interrupted render with other settings left in <OUT>.work")
+    p.add_argument("--frames-per-batch", type=int, default=None,
+                   help="frames per UNet call (batch 3 x F; default: 1 on the CPU, from free memory on a GPU)")
+    p.add_argument("--backend", default="auto", help="auto, torch, compiled, onnxruntime or tensorrt (default: auto)")
+    p.add_argument("--engines", help="engine folder from `dreampose-rt build-engine` (onnxruntime / tensorrt)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="default: fp16 on CUDA, fp32 on the CPU, the engines' own with --engines")
+    p.set_defaults(func=cmd_animate)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dreampose.evaluation import evaluate, load_feature_extractor, strip_image, write_report
+    from dreampose.model import DreamPoseModel
+    from dreampose.settings import SamplingSettings
+
+    from .demo import demo_model
+
+    protocol = EvalProtocol(data=args.data, seed=args.seed, videos=args.videos, n_frames=args.frames,
+                            stride=args.stride, max_targets=args.max_targets, fvd_clip=args.fvd_clip)
+    given = {"scheduler": args.scheduler, "steps": args.steps, "s_image": args.s_image, "s_pose": args.s_pose}
+    SamplingSettings.for_model(None, **given)  # checked before the model is loaded
+    if args.model is None:
+        model, name = demo_model(), "demo"
+    else:
+        model, name = DreamPoseModel.from_pretrained(args.model), str(args.model)
+    model = model.to(args.device).eval()
+    sampling = SamplingSettings.for_model(model.config, **given)
+    lpips = None
+    if args.lpips:
+        from dreampose.training.stage2 import load_perceptual_loss
+
+        lpips = load_perceptual_loss(args.lpips, model.device)
+    fid_model = load_feature_extractor(args.fid_model, model.device, "FID model") if args.fid_model else None
+    fvd_model = load_feature_extractor(args.fvd_model, model.device, "FVD model") if args.fvd_model else None
+    report = evaluate(model, protocol, sampling=sampling, model_name=name, lpips=lpips, keep_outputs=True,
+                      progress=not args.quiet, fid_model=fid_model, fvd_model=fvd_model)
+    strip = strip_image(report, protocol, model.config.height, model.config.width)
+    out = write_report(report, args.out, strip)
+    sys.stdout.write(report.markdown())
+    o = report.overall()
+    logger.info("wrote %s: IoU %.3f (repeat-subject %.3f, ceiling %.3f)", out, o["model"]["iou"], o["repeat"]["iou"],
+                o["gt_iou"])
+    return EXIT_OK
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    d = EvalProtocol()
+    p = sub.add_parser(
+        "evaluate", help="render a test set and report L1, PSNR, SSIM, foreground IoU (LPIPS, FID, FVD with local weights)",
+        description="Render a test set with the reference pipeline and score it: L1, PSNR, SSIM and foreground IoU "
+                    "per frame (LPIPS, FID and FVD when their networks are given as local files), against two "
+                    "references (the subject repeated; the ground truth's own segmentation). Writes metrics.json, "
+                    "metrics.md and strip.png. The protocol: docs/quality.md.",
+    )  # fmt: skip
+    p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    p.add_argument("--data", default="synth", help="'synth' (SynthFashion held out) or a UBC-layout folder (default: synth)")
+    p.add_argument("--out", required=True, help="output folder: metrics.json, metrics.md, strip.png")
+    p.add_argument("--videos", type=int, default=d.videos, help=f"test videos (default: {d.videos})")
+    p.add_argument("--frames", type=int, default=d.n_frames,
+                   help=f"frames per video (SynthFashion; UBC: at most) (default: {d.n_frames})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"SynthFashion seed of the test set (default: {d.seed})")
+    p.add_argument("--stride", type=int, default=d.stride, help=f"every STRIDE-th frame is a target (default: {d.stride})")
+    p.add_argument("--max-targets", type=int, default=d.max_targets,
+                   help=f"at most this many targets per video (default: {d.max_targets})")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="pndm", help="default: pndm (the paper's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 100)")
+    p.add_argument("--s-image", type=float, default=None, help="image guidance scale (default: the model's)")
+    p.add_argument("--s-pose", type=float, default=None, help="pose guidance scale (default: the model's)")
+    p.add_argument("--lpips", default=None, help="a local exported LPIPS module (.pt2 or TorchScript)")
+    p.add_argument("--fid-model", default=None,
+                   help="FID: a local Inception-v3 pool3 extractor (.pt2 or TorchScript), "
+                        "(N, 3, 299, 299) in [-1, 1] -> (N, 2048); see docs/quality.md")
+    p.add_argument("--fvd-model", default=None,
+                   help="FVD: a local I3D extractor (.pt2 or TorchScript), (N, 3, T, 224, 224) in [-1, 1] -> (N, 400)")
+    p.add_argument("--fvd-clip", type=int, default=d.fvd_clip,
+                   help=f"FVD clip length in targets (consecutive, non-overlapping; default: {d.fvd_clip})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+# --------------------------------------------------------------------------------------------------
+# import-release
+# --------------------------------------------------------------------------------------------------
 def cmd_import_release(args: argparse.Namespace) -> int:
     from dreampose.convert import import_release
     from dreampose.model import DreamPoseModel
@@ -87,128 +210,124 @@ def cmd_import_release(args: argparse.Namespace) -> int:
     base = DreamPoseModel.from_stable_diffusion(args.sd, args.clip, height=args.height, width=args.width)
     import_release(base, args.unet, args.adapter, args.out, vae=args.vae)
     logger.info("wrote model folder %s", args.out)
-    return 0
+    return EXIT_OK
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreampose-rt", description="DreamPose: animate a photo along DensePose frames.")
-    _common(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("animate", help="render a subject image along a pose sequence (no arguments: the demo)")
-    _common(p)
-    p.add_argument("--image", help="subject image (PNG/JPEG)")
-    p.add_argument("--poses", help="poses: folder of frame_<n>_densepose.npy, .npy/.npz (T, 2, H, W), or IUV images")
-    p.add_argument("--out", default="demo.mp4", help="output: .mp4, .gif, or a folder for PNGs (default: demo.mp4)")
-    p.add_argument("--model", help="DreamPose model folder (default: the embedded demo model)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 100)")
-    p.add_argument("--scheduler", default=None, choices=["pndm", "ddim", "dpmpp"], help="default: pndm (the paper's)")
-    p.add_argument("--fast", action="store_true",
-                   help="fast mode: DPM-Solver++ with 15 steps (within 2%% of 100 PNDM steps; docs/quality.md)")
-    p.add_argument("--s-image", type=float, default=None, help="image guidance scale (default: the model's)")
-    p.add_argument("--s-pose", type=float, default=None, help="pose guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise", default="shared", choices=["shared", "per-frame"], help="one noise for all frames, or one per frame")
-    p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--frames", help="frames to render, A:B (half-open)")
-    p.add_argument("--restart", action="store_true",
-                   help="discard the frames an interrupted render with other settings left in <OUT>.work")
-    p.add_argument("--frames-per-batch", type=int, default=None,
-                   help="frames per UNet call (batch 3 x F; default: 1 on the CPU, from free memory on a GPU)")
-    p.add_argument("--backend", default="auto", help="auto, torch, compiled, onnxruntime or tensorrt")
-    p.add_argument("--engines", help="engine folder from `dreampose-rt build-engine` (onnxruntime / tensorrt)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="default: fp16 on CUDA, fp32 on the CPU, the engines' own with --engines")
-    p.set_defaults(func=cmd_animate)
-
-    p = sub.add_parser("import-release", help="convert the original release's .pth checkpoints into a model folder")
-    _common(p)
+def _add_import_release(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-release", help="convert the original release's .pth checkpoints into a model folder",
+                       description="Convert the original DreamPose release's .pth checkpoints (the 14-channel UNet and "
+                                   "the adapter) into a model folder, with the VAE, CLIP and scheduler of local "
+                                   "Stable Diffusion 1.x and CLIP folders. Nothing is downloaded.")
     p.add_argument("--unet", required=True, help="the release's UNet state dict (.pth)")
     p.add_argument("--adapter", required=True, help="the release's adapter state dict (.pth)")
     p.add_argument("--vae", help="a finetuned VAE (or VAE decoder) state dict (.pth), optional")
     p.add_argument("--sd", required=True, help="local Stable Diffusion 1.x folder (diffusers layout)")
     p.add_argument("--clip", required=True, help="local CLIP vision folder (transformers layout)")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--height", type=int, default=640)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=640, help="image height of the model (default: 640, the paper's)")
+    p.add_argument("--width", type=int, default=512, help="image width of the model (default: 512, the paper's)")
     p.set_defaults(func=cmd_import_release)
 
-    for register in _plugin_parsers():
-        register(sub)
-    for p in sub.choices.values():  # plugins get --debug / --quiet too
-        if "--debug" not in p._option_string_actions:
-            _common(p)
+
+# --------------------------------------------------------------------------------------------------
+# The parser and main
+# --------------------------------------------------------------------------------------------------
+class UsageError(DreamPoseError):
+    """A command line that does not parse (unknown option, missing value, invalid choice); ``prog`` is
+    the command it is for (e.g. "dreampose-rt animate")."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad command line raises UsageError (printed as one line naming
+    the command and the option, exit 2) instead of printing the usage block. Subparsers inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, message)
+
+
+def add_common_options(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """--debug and --quiet, accepted before and after the subcommand (a subcommand's copy does not
+    overwrite what was given before it)."""
+    default = False if top_level else argparse.SUPPRESS
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    parser.add_argument("--quiet", action="store_true", default=default, help="no progress bar, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (imports no torch)."""
+    from dreampose.training import cli as training_cli
+
+    from .export import cli as export_cli
+
+    parser = ArgumentParser(prog="dreampose-rt", description="DreamPose: animate a photo along DensePose frames.")
+    add_common_options(parser, top_level=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_animate(sub)
+    _add_evaluate(sub)
+    _add_import_release(sub)
+    export_cli.add_parser(sub)  # build-engine
+    training_cli.add_parser(sub)  # train, finetune, synth-data, prepare-data
+    for p in sub.choices.values():
+        add_common_options(p)
     return parser
 
 
-# Modules that register subcommands: each exposes ``add_parser(subparsers)`` and sets ``func``.
-PLUGIN_MODULES = (
-    "dreampose_rt.export.cli",  # build-engine
-    "dreampose.training.cli",  # train, finetune, data preparation
-    "dreampose_rt.evaluate",  # evaluate
-    "dreampose_rt.benchmarks.cli",  # bench
-)
-
-
-def _plugin_parsers() -> list[Callable]:
-    """The ``add_parser`` functions of the plugin modules that import on this machine."""
-    import importlib
-
-    registers = []
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            missing = e.name or ""
-            if missing.split(".")[0] in ("dreampose", "dreampose_rt") and not name.startswith(missing):
-                raise  # a bug in the project's own code: never hide it
-            logger.debug("%s unavailable: %s", name, e)  # an optional dependency (onnx, ...) is missing
-            continue
-        registers.append(module.add_parser)
-    return registers
-
-
-def _setup_logging(debug: bool, quiet: bool) -> None:
+def setup_logging(debug: bool, quiet: bool) -> None:
+    """Log lines of dreampose and dreampose_rt to stderr: INFO (DEBUG with ``debug``, WARNING with ``quiet``)."""
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("dreampose-rt: %(message)s" if not debug else "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    for name in ("dreampose", "dreampose_rt"):
+    for name in ("dreampose", "dreampose_rt", "benchmarks"):
         logging.getLogger(name).setLevel(level)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str = "dreampose-rt") -> int:
+    """Parse ``argv`` and run the chosen command's ``func(args)`` under the error contract: the user's
+    input errors print one line and return EXIT_USAGE, our own bugs one line and EXIT_INTERNAL, with
+    ``--debug`` re-raising instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # before parsing: a usage error shows its traceback too
+    try:
+        args = parser.parse_args(argv)
+        debug, quiet = getattr(args, "debug", False), getattr(args, "quiet", False)
+        setup_logging(debug, quiet)
+        func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+        if func is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return int(func(args) or EXIT_OK)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (DreamPoseError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if debug:
+            raise
+        msg = str(e) if isinstance(e, DreamPoseError) else f"{e.strerror or e}: {e.filename}"
+        print(f"{e.prog if isinstance(e, UsageError) else prog}: error: {_one_line(msg)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a bug, not bad input: still one line, with the way to see more
+        if debug:
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {_one_line(str(e))} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: its lines joined (a library's multi-line message stays readable)."""
+    return " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dreampose-rt``. Returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.debug, args.quiet)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("dreampose-rt: interrupted", file=sys.stderr)
-        return 130
-    except (DreamPoseError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        if args.debug:
-            raise
-        msg = str(e) if isinstance(e, DreamPoseError) else f"{e.strerror or e}: {e.filename}"
-        print(f"dreampose-rt: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:  # a bug, not bad input: still one line, with the way to see more
-        if args.debug:
-            raise
-        print(f"dreampose-rt: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ def _versions() -> Section:
 def _extension() -> Section:
     from . import _ext
 
+    avail = _ext.extension_availability()
+    if not avail:
+        return "native extension dreampose_rt._C", [("status", f"not loaded: {avail.reason}")]
     mod = _ext.load_extension()
-    if mod is None:
-        return "native extension dreampose_rt._C", [("status", f"not loaded: {_ext.extension_error()}")]
     return "native extension dreampose_rt._C", [
         ("status", "loaded"),
         ("file", getattr(mod, "__file__", "?")),
@@ -49,36 +50,38 @@ def _extension() -> Section:
 
 
 def _scheduler() -> Section:
-    from .scheduler import native_core_error
-    from .scheduler.schedulers import native_core
+    from .scheduler import native_core_availability
 
-    if native_core() is not None:
-        status = "C++ core and CPU data plane (fp32, fp16)"
-    else:
-        status = f"pure-Python fallback ({native_core_error()})"
-    return "scheduler (pndm, ddim, dpmpp)", [("backend", status)]
+    avail = native_core_availability()
+    status = avail.reason if avail else f"pure-Python fallback ({avail.reason})"
+    return "scheduler (pndm, ddim, dpmpp)", [("implementation", status)]
 
 
 def _kernels() -> Section:
-    from .kernels import kernel_available
+    from .kernels import kernel_availability
 
-    ok, reason = kernel_available()
-    return "fused guidance + scheduler step (Triton)", [("status", ("available: " if ok else "unavailable: ") + reason)]
+    return "fused guidance + scheduler step (Triton)", [("status", kernel_availability().describe())]
 
 
 def _backends() -> Section:
-    """Each runtime backend on the default device: available, or why not (engine backends also need
-    an engine folder from build-engine, which this report does not assume)."""
+    """Each runtime backend on the default device: available or why not, and whether ``--backend auto``
+    takes it (the same answers the dispatch uses; engine backends are asked as if an engine folder were
+    given, since they need one from build-engine)."""
     import torch
 
-    from .backends import AUTO_ORDER, BACKENDS
+    from .backends import availability_report, select_backend
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "fp16" if device.type == "cuda" else "fp32"
+    engines = "<engine folder>"
     rows: list[Row] = []
-    for name in AUTO_ORDER:
-        avail = BACKENDS[name].availability(device, precision, engines="<engine folder>")
-        rows.append((name, "available" if avail else f"unavailable: {avail.reason}"))
+    for name, (avail, auto) in availability_report(device, precision, engines).items():
+        if avail and not auto:
+            rows.append((name, f"available when asked for by name; {auto.reason}"))
+        else:
+            rows.append((name, avail.describe()))
+    rows.append(("auto picks", f"{select_backend('auto', device, precision, None).name} "
+                               f"({select_backend('auto', device, precision, engines).name} with --engines)"))
     return f"runtime backends on {device.type} ({precision})", rows
 
 

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import sys
 from collections import OrderedDict
-from dataclasses import astuple
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -30,14 +29,14 @@ from dreampose.guidance import NUM_BRANCHES, branch_batch
 from dreampose.images import ImageLike, load_image, to_uint8
 from dreampose.model import DreamPoseModel
 from dreampose.pipeline import (
-    SamplingSettings,
     SubjectConditioning,
     batch_noise,
     check_frames_per_batch,
     resolve_frames,
+    sampling_settings,
 )
 from dreampose.poses import load_poses, pose_window, prepare_poses
-from dreampose.schedulers import SCHEDULERS  # noqa: F401  (re-exported: the names the runtime accepts)
+from dreampose.settings import PRECISIONS, SamplingSettings, check_choice, torch_dtype
 from dreampose.timing import PhaseTimer, timed
 from dreampose.utils import DreamPoseError, PathLike
 
@@ -47,11 +46,7 @@ from .profiling import nvtx_range
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DATA_PLANES = ("auto", "triton", "scheduler")
-#: The fast mode: the fewest steps whose quality stays within 2% of the 100-step PNDM reference on SSIM and
-#: foreground IoU (measured on the demo model, docs/quality.md): DPM-Solver++ (2M) with 15 steps.
-FAST = {"scheduler": "dpmpp", "steps": 15}
 MAX_AUTO_FRAMES = 16
 _CACHE_SIZE = 8
 
@@ -131,12 +126,11 @@ class Runtime:
         dev = resolve_device(device)
         if precision is None:
             precision = _engine_precision(engines) or ("fp16" if dev.type == "cuda" else "fp32")
-        if precision not in PRECISIONS:
-            raise DreamPoseError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        check_choice("precision", precision, PRECISIONS)
         if dev.type == "cpu" and precision == "fp16":
             raise DreamPoseError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         backend_cls = select_backend(backend, dev, precision, engines)
-        dtype = PRECISIONS[precision]
+        dtype = torch_dtype(precision)
         if model_dir is None:
             from .demo import DEMO_MODEL_DIR, demo_model
 
@@ -203,9 +197,8 @@ class Runtime:
         """
         if self.device.type != "cuda":
             return 1
-        engine_dir = getattr(self.backend, "engine_dir", None)
-        if engine_dir is not None:
-            return int(_read_manifest(engine_dir)["shape_spec"]["max_frames"])
+        if self.backend.max_frames is not None:
+            return self.backend.max_frames
         if self._frame_bytes is None:
             h, w = self.model.latent_size
             c = self.config
@@ -225,7 +218,7 @@ class Runtime:
         return max(1, min(MAX_AUTO_FRAMES, frames))
 
     # ---- rendering ---------------------------------------------------------------------------
-    def _scheduler(self, name: str, steps: int):
+    def _make_scheduler(self, name: str, steps: int):
         from .scheduler import create_scheduler
 
         try:
@@ -238,28 +231,30 @@ class Runtime:
     def data_plane(self) -> str:
         """What runs after each UNet call: 'triton' (the fused Triton kernel, CUDA) or 'scheduler'
         (the scheduler's fused step_guided: the C++ data plane on the CPU, the table-driven PyTorch step
-        elsewhere). Forced with ``Runtime(..., data_plane=...)`` / the attribute ``_data_plane``."""
+        elsewhere). Forced with ``Runtime.from_pretrained(..., data_plane=...)``."""
         if self._data_plane != "auto":
             return self._data_plane
         if self.device.type == "cuda":
-            from .kernels import kernel_available
+            from .kernels import kernel_availability
 
-            if kernel_available()[0]:
+            if kernel_availability():
                 return "triton"
         return "scheduler"
 
     @torch.no_grad()
     def _denoise(
-        self, subject: SubjectConditioning, window: torch.Tensor, noise: torch.Tensor, scheduler: str, steps: int,
-        s_image: float, s_pose: float, on_step,
+        self, subject: SubjectConditioning, window: torch.Tensor, noise: torch.Tensor, settings: SamplingSettings,
+        on_step,
     ) -> torch.Tensor:
-        """noise (F, C, h, w) float32 -> latents (F, C, h, w) float32 after the whole sampler."""
-        sched = self._scheduler(scheduler, steps)
+        """The whole sampler for F frames: noise (F, C, h, w) float32 -> latents (F, C, h, w) float32.
+        window: the pose windows (F, 2 * n_poses, h, w) in [-1, 1]."""
+        s_image, s_pose = settings.s_image, settings.s_pose
+        sched = self._make_scheduler(settings.scheduler, settings.steps)
         latents = (noise * sched.init_noise_sigma).contiguous()
         _, p, ehs = branch_batch(latents, window, subject.cond, subject.null)
         p, ehs = p.to(self.dtype), ehs.to(self.dtype)
         if self.data_plane() == "triton":
-            from .kernels import FusedSampler
+            from .sampler import FusedSampler
 
             sampler = FusedSampler.from_scheduler(sched, latents, s_image, s_pose)
             if self._use_cuda_graph():
@@ -314,36 +309,35 @@ class Runtime:
 
     def stream(
         self,
-        poses: PathLike | np.ndarray | torch.Tensor,
+        poses: PathLike | np.ndarray | torch.Tensor | Sequence[np.ndarray],
         image: ImageLike | torch.Tensor | None = None,
-        steps: int | None = None,
-        scheduler: str = "pndm",
-        s_image: float | None = None,
-        s_pose: float | None = None,
-        seed: int = 0,
-        noise: str = "shared",
+        settings: SamplingSettings | None = None,
+        *,
         frames: Sequence[int] | None = None,
         frames_per_batch: int | None = None,
         progress: bool = False,
         skip: Sequence[int] = (),
+        **sampling: Any,
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (frame index, uint8 frame (H, W, 3)) as frames finish. Arguments as in :meth:`render`;
         ``skip``: frame indices already rendered (batches made only of them are not run)."""
         from tqdm.auto import tqdm
 
         c = self.config
-        steps, scheduler, s_image, s_pose, noise = astuple(
-            SamplingSettings.resolve(c, steps, scheduler, s_image, s_pose, noise))
+        settings = sampling_settings(c, settings, sampling)
         pose_arr = load_poses(poses)
         frames = resolve_frames(frames, len(pose_arr))
         fpb = self.auto_frames_per_batch() if frames_per_batch is None else check_frames_per_batch(frames_per_batch)
+        if self.backend.max_frames is not None and fpb > self.backend.max_frames:
+            raise DreamPoseError(f"frames_per_batch {fpb} is more than the {self.backend.name} engines take "
+                                 f"({self.backend.max_frames}); lower it, or rebuild them with --max-frames {fpb}")
 
         subject = self.encode(image)
         pose_seq = prepare_poses(pose_arr, (c.height, c.width), self.model.latent_size, self.device)
         skip_set = set(skip)
         batches = [frames[i : i + fpb] for i in range(0, len(frames), fpb)]
         todo = [b for b in batches if not set(b) <= skip_set]
-        n_calls = len(self._scheduler(scheduler, steps).timesteps)
+        n_calls = len(self._make_scheduler(settings.scheduler, settings.steps).timesteps)
         shape = (self.model.latent_channels, *self.model.latent_size)
         bar = tqdm(
             total=sum(len(b) for b in todo), unit="frame", disable=not progress, desc="rendering",
@@ -352,9 +346,9 @@ class Runtime:
         )
         try:
             for batch in todo:
-                start = batch_noise(seed, batch, noise, shape)
+                start = batch_noise(settings.seed, batch, settings.noise, shape)
                 window = pose_window(pose_seq, batch, c.n_poses)
-                latents = self._denoise(subject, window, start.to(self.device), scheduler, steps, s_image, s_pose,
+                latents = self._denoise(subject, window, start.to(self.device), settings,
                                         on_step=lambda n=len(batch): bar.update(n / n_calls))
                 with nvtx_range("decode"), timed(self.timer, "decode"):
                     images = to_uint8(self.backend.decode(latents))
@@ -366,45 +360,39 @@ class Runtime:
 
     def render(
         self,
-        poses: PathLike | np.ndarray | torch.Tensor,
+        poses: PathLike | np.ndarray | torch.Tensor | Sequence[np.ndarray],
         image: ImageLike | torch.Tensor | None = None,
-        steps: int | None = None,
-        scheduler: str = "pndm",
-        s_image: float | None = None,
-        s_pose: float | None = None,
-        seed: int = 0,
-        noise: str = "shared",
+        settings: SamplingSettings | None = None,
+        *,
         frames: Sequence[int] | None = None,
         frames_per_batch: int | None = None,
         progress: bool = False,
+        **sampling: Any,
     ) -> np.ndarray:
         """Render frames. Returns uint8 (T, H, W, 3), T = len(frames) (all poses by default).
 
         Args:
             poses: a pose source (see dreampose.poses.load_poses) or an array (T, 2, H', W') of U, V in [0, 1].
             image: the subject (path, PIL image, array or tensor); optional for the demo model.
-            steps: denoising steps (the model's default: 100).
-            scheduler: 'pndm' (the paper's), 'ddim' or 'dpmpp' (DPM-Solver++ 2M, for few steps).
-            s_image, s_pose: guidance scales (the model's defaults).
-            seed: noise seed. noise: 'shared' (one noise for all frames) or 'per-frame'.
+            settings: a :class:`dreampose.settings.SamplingSettings`; or, instead, any of its values as
+                keywords, the model's defaults for the others: ``steps`` (100), ``scheduler`` ('pndm' the
+                paper's, 'ddim', or 'dpmpp' (DPM-Solver++ 2M, for few steps)), ``s_image``, ``s_pose``,
+                ``seed`` (0), ``noise`` ('shared': one noise for all frames, or 'per-frame').
             frames: indices to render (all by default).
             frames_per_batch: frames per UNet call (None: :meth:`auto_frames_per_batch`).
             progress: show a progress bar (frames per second and ETA).
         """
         pose_arr = load_poses(poses)  # read once: the stream and the frame order both use it
-        out = dict(self.stream(pose_arr, image, steps, scheduler, s_image, s_pose, seed, noise, frames,
-                               frames_per_batch, progress))
-        order = list(range(len(pose_arr))) if frames is None else list(frames)
+        out = dict(self.stream(pose_arr, image, settings, frames=frames, frames_per_batch=frames_per_batch,
+                               progress=progress, **sampling))
+        order = list(range(len(pose_arr))) if frames is None else [int(i) for i in frames]
         return np.stack([out[i] for i in order])
 
 
-def _read_manifest(engine_dir: PathLike) -> dict:
-    from dreampose.utils import read_json
-
-    return read_json(Path(engine_dir) / "manifest.json")
-
-
 def _engine_precision(engines: PathLike | None) -> str | None:
-    if engines is None or not (Path(engines) / "manifest.json").is_file():
+    """The precision an engine folder was built in (None without one)."""
+    if engines is None:
         return None
-    return _read_manifest(engines).get("precision")
+    from .export.manifest import EngineManifest
+
+    return EngineManifest.load(engines).precision

@@ -3,7 +3,7 @@
 
     python scripts/few_step_tradeoff.py [--model DIR] [--out runs/tradeoff]
 
-Runs the evaluation protocol (dreampose_rt.evaluate, held-out SynthFashion, 8 videos x 7 targets) once per
+Runs the evaluation protocol (dreampose.evaluation, held-out SynthFashion, 8 videos x 7 targets) once per
 sampler and reports, per sampler: the metrics against the ground truth and their relative change from
 the reference, the distance of its frames to the reference's frames (L1, PSNR, IoU of the two
 segmentations) and the time per frame (all targets of a video in one batch, this machine). The fast
@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dreampose.metrics import foreground_mask, iou, l1, psnr  # noqa: E402
 from dreampose.model import DreamPoseModel  # noqa: E402
 from dreampose_rt.demo import demo_model  # noqa: E402
-from dreampose_rt.evaluate import Protocol, evaluate, test_videos  # noqa: E402
+from dreampose.evaluation import evaluate, test_videos  # noqa: E402
+from dreampose.settings import EvalProtocol, SamplingSettings  # noqa: E402
 
 SAMPLERS = (("pndm", 100), ("ddim", 50), ("dpmpp", 25), ("dpmpp", 15))
 TOLERANCE = 0.02
@@ -38,19 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
     parser.add_argument("--out", default="runs/tradeoff")
-    parser.add_argument("--videos", type=int, default=Protocol().videos)
+    parser.add_argument("--videos", type=int, default=EvalProtocol().videos)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     model = demo_model() if args.model is None else DreamPoseModel.from_pretrained(args.model)
-    base = Protocol(videos=args.videos)
+    base = EvalProtocol(videos=args.videos)
     c = model.config
     videos = test_videos(base, c.height, c.width)
 
     reports = {}
     for name, steps in SAMPLERS:
-        reports[(name, steps)] = evaluate(model, replace(base, scheduler=name, steps=steps), "demo", keep_outputs=True)
+        sampling = SamplingSettings.for_model(model.config, scheduler=name, steps=steps)
+        reports[(name, steps)] = evaluate(model, base, sampling=sampling, model_name="demo", keep_outputs=True)
     ref = reports[SAMPLERS[0]]
     ref_o = ref.overall()["model"]
     rows = []

@@ -52,7 +52,7 @@ def test_animate_demo_writes_a_video(tmp_path):
         (["--image", "{image}", "--poses", "{poses}", "--frames", "2:9"], "out of range for 3 poses"),
         (["--image", "{image}", "--poses", "{poses}", "--out", "{tmp}/x.avi"], "unsupported output type"),
         (["--image", "{image}", "--poses", "{poses}", "--model", "{tmp}"], "not a DreamPose model folder"),
-        (["--image", "{image}", "--poses", "{poses}", "--steps", "0"], "steps must be a positive integer"),
+        (["--image", "{image}", "--poses", "{poses}", "--steps", "0"], "steps must be between 1 and 1000"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(tmp_path, inputs, capsys, extra, message):
@@ -137,4 +137,4 @@ def test_fast_mode_picks_the_measured_preset(tmp_path, inputs, tiny_model_dir, m
     assert main(base + ["--fast"]) == 130
     assert main(base + ["--fast", "--steps", "20"]) == 130
     assert main(base) == 130
-    assert [(s.scheduler, s.steps) for s in seen] == [("dpmpp", 15), ("dpmpp", 20), ("pndm", None)]
+    assert [(s.scheduler, s.steps) for s in seen] == [("dpmpp", 15), ("dpmpp", 20), ("pndm", 100)]

@@ -11,7 +11,8 @@ import pytest
 
 from dreampose.utils import DreamPoseError
 from dreampose_rt import demo
-from dreampose_rt.evaluate import Protocol, evaluate
+from dreampose.evaluation import evaluate
+from dreampose.settings import EvalProtocol, SamplingSettings
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,9 @@ def test_runtime_defaults_to_the_trained_demo_model(model):
 
 
 def test_demo_model_follows_held_out_poses(model):
-    protocol = Protocol(videos=2, n_frames=16, first_target=4, stride=4, max_targets=3, scheduler="dpmpp", steps=15)
-    o = evaluate(model, protocol, "demo").overall()
+    protocol = EvalProtocol(videos=2, n_frames=16, first_target=4, stride=4, max_targets=3)
+    sampling = SamplingSettings.for_model(model.config, scheduler="dpmpp", steps=15)
+    o = evaluate(model, protocol, sampling=sampling, model_name="demo").overall()
     iou, repeat = o["model"]["iou"], o["repeat"]["iou"]
     print(f"IoU {iou:.3f} vs repeat-subject {repeat:.3f} (ceiling {o['gt_iou']:.3f})")
     assert iou >= 0.6, o

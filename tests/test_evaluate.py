@@ -1,4 +1,4 @@
-"""The evaluation harness (dreampose_rt.evaluate, ``dreampose-rt evaluate``) on the tiny random model."""
+"""The evaluation harness (dreampose.evaluation, ``dreampose-rt evaluate``) on the tiny random model."""
 
 import json
 
@@ -7,24 +7,26 @@ import pytest
 import torch
 from torch import nn
 
+from dreampose.evaluation import (evaluate, load_feature_extractor, median_background, set_metrics, strip_image,
+                                  video_clips, write_report)
+from dreampose.settings import EvalProtocol, SamplingSettings
 from dreampose.utils import DreamPoseError
-from dreampose_rt.evaluate import (Protocol, evaluate, load_feature_extractor, median_background, set_metrics,
-                                   strip_image, video_clips, write_report)
 
-FAST = Protocol(videos=2, n_frames=8, stride=3, scheduler="ddim", steps=2)
+FAST = EvalProtocol(videos=2, n_frames=8, stride=3)
+DDIM2 = SamplingSettings(scheduler="ddim", steps=2)
 
 
 def test_protocol_targets():
-    assert Protocol().targets(16) == [2, 4, 6, 8, 10, 12, 14]
-    assert Protocol(first_target=0, stride=1, max_targets=3).targets(16) == [1, 2, 3]  # never the subject frame
+    assert EvalProtocol().targets(16) == [2, 4, 6, 8, 10, 12, 14]
+    assert EvalProtocol(first_target=0, stride=1, max_targets=3).targets(16) == [1, 2, 3]  # never the subject frame
     with pytest.raises(DreamPoseError, match="no target"):
-        Protocol(first_target=5).targets(4)
-    with pytest.raises(DreamPoseError, match="scheduler"):
-        Protocol(scheduler="euler")
+        EvalProtocol(first_target=5).targets(4)
+    with pytest.raises(DreamPoseError, match="videos must be"):
+        EvalProtocol(videos=0)
 
 
 def test_evaluate_reports_per_video_and_overall(tiny_model, tmp_path):
-    report = evaluate(tiny_model, FAST, "tiny", keep_outputs=True)
+    report = evaluate(tiny_model, FAST, sampling=DDIM2, model_name="tiny", keep_outputs=True)
     assert [v.name for v in report.videos] == ["synth_00000", "synth_00001"]
     v = report.videos[0]
     assert v.targets == [2, 5] and v.outputs.shape == (2, 64, 48, 3) and v.outputs.dtype == np.uint8
@@ -39,7 +41,8 @@ def test_evaluate_reports_per_video_and_overall(tiny_model, tmp_path):
     assert strip.shape == (2 + 8 * 66, 2 + 2 * 50, 3)
     out = write_report(report, tmp_path / "eval", strip)
     data = json.loads((out / "metrics.json").read_text())
-    assert data["protocol"]["steps"] == 2 and data["overall"]["frames"] == 4 and len(data["videos"]) == 2
+    assert data["sampling"]["steps"] == 2 and data["sampling"]["scheduler"] == "ddim"
+    assert data["protocol"]["videos"] == 2 and data["overall"]["frames"] == 4 and len(data["videos"]) == 2
     md = (out / "metrics.md").read_text()
     assert "| synth_00001 | 2 |" in md and "**overall**" in md
     # FID / FVD need local extractors: without them the report says so
@@ -50,8 +53,8 @@ def test_evaluate_reports_per_video_and_overall(tiny_model, tmp_path):
 
 
 def test_evaluate_is_deterministic(tiny_model):
-    p = Protocol(videos=1, n_frames=6, stride=2, max_targets=1, scheduler="ddim", steps=2)
-    a, b = (evaluate(tiny_model, p).videos[0].model for _ in range(2))
+    p = EvalProtocol(videos=1, n_frames=6, stride=2, max_targets=1)
+    a, b = (evaluate(tiny_model, p, sampling=DDIM2).videos[0].model for _ in range(2))
     assert a == b
 
 

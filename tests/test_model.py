@@ -134,7 +134,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path):
     with torch.no_grad():
         e1, e2 = model.encode_image(x), loaded.encode_image(x)
         assert torch.equal(e1, e2)
-        assert torch.equal(model.denoise(lat, pose, 500, e1.repeat(3, 1, 1)), loaded.denoise(lat, pose, 500, e2.repeat(3, 1, 1)))
+        assert torch.equal(model.predict_noise(lat, pose, 500, e1.repeat(3, 1, 1)), loaded.predict_noise(lat, pose, 500, e2.repeat(3, 1, 1)))
         assert torch.equal(model.decode(lat), loaded.decode(lat))
 
 
@@ -196,7 +196,7 @@ def test_from_stable_diffusion(sd_and_clip_dirs):
     source = _sd_unet(1)
     x, ehs = torch.randn(1, 4, 16, 12), torch.randn(1, 17, 32)
     with torch.no_grad():  # a reloaded UNet differs from its source in the last bit (fp32 kernels), not more
-        torch.testing.assert_close(model.denoise(x, torch.zeros(1, 10, 16, 12), 7, ehs),
+        torch.testing.assert_close(model.predict_noise(x, torch.zeros(1, 10, 16, 12), 7, ehs),
                                    source(x, 7, encoder_hidden_states=ehs).sample, rtol=1e-5, atol=1e-6)
     with pytest.raises(DreamPoseError, match="unet/ folder not found"):
         DreamPoseModel.from_stable_diffusion(clip, clip)

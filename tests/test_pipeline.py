@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dreampose.pipeline import DreamPosePipeline, frame_noise
-from dreampose.schedulers import make_scheduler
+from dreampose.diffusers_schedulers import make_diffusers_scheduler
 from dreampose.utils import DreamPoseError
 
 STEPS = 4
@@ -105,9 +105,9 @@ def test_pipeline_routes_branches_and_combines(tiny_model, subject_image, pose_s
 
     with torch.no_grad():
         null_cond = model.encode_null_image(1)
-    model.denoise = stub
+    model.predict_noise = stub
     log = []
-    p = DreamPosePipeline(model, scheduler_factory=lambda n, c: _RecordingScheduler(make_scheduler(n, c), log))
+    p = DreamPosePipeline(model, scheduler_factory=lambda n, c: _RecordingScheduler(make_diffusers_scheduler(n, c), log))
     p(subject_image, pose_seq[:2], steps=3, s_image=2.0, s_pose=0.5, frames_per_batch=2, progress=False)
     assert seen[0] == ([True, True, False, False, False, False], [True, True, False, False, True, True])
     assert len(log) == 4  # PLMS: 3 steps = 4 UNet calls
@@ -119,8 +119,8 @@ def test_pipeline_routes_branches_and_combines(tiny_model, subject_image, pose_s
 def test_unet_calls_per_frame(tiny_model, subject_image, pose_seq):
     model = copy.deepcopy(tiny_model)
     batches = []
-    inner = model.denoise
-    model.denoise = lambda x, p, t, e: (batches.append(x.shape[0]), inner(x, p, t, e))[1]
+    inner = model.predict_noise
+    model.predict_noise = lambda x, p, t, e: (batches.append(x.shape[0]), inner(x, p, t, e))[1]
     DreamPosePipeline(model)(subject_image, pose_seq[:1], steps=10, progress=False)
     assert batches == [3] * 11  # PNDM (PLMS) takes steps + 1 UNet calls, each at batch 3
 
@@ -136,7 +136,11 @@ def test_other_schedulers(pipe, subject_image, pose_seq, scheduler):
     [
         (dict(steps=0), "steps must be"),
         (dict(scheduler="euler"), "unknown scheduler"),
-        (dict(noise="fresh"), "noise must be"),
+        (dict(noise="fresh"), "unknown noise 'fresh'"),
+        (dict(steps=1001), "steps must be between 1 and 1000"),
+        (dict(frames=[]), "frames is empty"),
+        (dict(frames=[0.5]), "integer frame indices"),
+        (dict(guidance=2.0), "unknown sampling setting"),
         (dict(frames=[0, 9]), r"out of range for 6 poses"),
         (dict(frames_per_batch=0), "frames_per_batch"),
         (dict(s_image=float("nan")), "s_image must be finite"),

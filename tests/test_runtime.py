@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from dreampose.settings import SamplingSettings
 from dreampose.utils import DreamPoseError
 from dreampose_rt.backends import availability_report
 from dreampose_rt.runtime import Runtime
@@ -95,7 +96,15 @@ def test_compiled_backend_matches_the_reference(tiny_model_dir, reference, subje
 
 def test_unavailable_and_unknown_backends_say_why(tiny_model_dir):
     report = availability_report(torch.device("cpu"), "fp32")
-    assert report["torch"].ok and not report["tensorrt"].ok and report["tensorrt"].reason
+    assert report["torch"][0].ok and not report["tensorrt"][0].ok and report["tensorrt"][0].reason
+    # the compiled backend runs on the CPU when asked for, but auto does not take it there; info says the same
+    assert report["compiled"][0].ok and not report["compiled"][1].ok and "auto does not pick" in report["compiled"][1].reason
+    from dreampose_rt import info
+
+    rows = dict(dict(info.collect())["runtime backends on cpu (fp32)"]) if not torch.cuda.is_available() else None
+    if rows is not None:
+        assert rows["compiled"].startswith("available when asked for by name; auto does not pick")
+        assert rows["auto picks"].startswith("torch")
     with pytest.raises(DreamPoseError, match="backend 'tensorrt' is not available: .*tensorrt"):
         Runtime.from_pretrained(tiny_model_dir, backend="tensorrt", device="cpu")
     with pytest.raises(DreamPoseError, match="unknown backend 'fast'"):
@@ -172,7 +181,7 @@ def test_a_killed_render_resumes_to_the_same_bytes(tmp_path, tiny_model_dir, sub
 
 def test_a_work_folder_of_another_render_is_kept_unless_restart(tmp_path, torch_rt, subject_image, pose_seq):
     from dreampose.video import frame_name, read_png, write_png
-    from dreampose_rt.animate import RenderSettings, render_to_file, work_folder
+    from dreampose_rt.animate import render_to_file, work_folder
 
     out = tmp_path / "pngs"
     work = work_folder(out)
@@ -180,10 +189,11 @@ def test_a_work_folder_of_another_render_is_kept_unless_restart(tmp_path, torch_
     (work / "settings.json").write_text('{"seed": 99}')
     write_png(np.zeros((64, 48, 3), np.uint8), work / frame_name(0))  # a frame of another render
     with pytest.raises(DreamPoseError, match=r"holds frames of another render \(.*seed.*\).*--restart"):
-        render_to_file(torch_rt, out, pose_seq[:2], subject_image, RenderSettings(steps=2), progress=False)
+        render_to_file(torch_rt, out, pose_seq[:2], subject_image, SamplingSettings.for_model(torch_rt.config, steps=2),
+                       progress=False)
     assert (work / frame_name(0)).is_file()  # nothing was thrown away
-    report = render_to_file(torch_rt, out, pose_seq[:2], subject_image, RenderSettings(steps=2), progress=False,
-                            restart=True)
+    report = render_to_file(torch_rt, out, pose_seq[:2], subject_image, SamplingSettings.for_model(torch_rt.config, steps=2),
+                            progress=False, restart=True)
     assert report.rendered == 2 and report.resumed == 0 and not work.exists()
     expected = torch_rt.render(pose_seq[:2], image=subject_image, steps=2)
     assert np.array_equal(read_png(out / frame_name(0)), expected[0])
@@ -193,7 +203,7 @@ def test_defaults_and_explicit_values_are_the_same_render(tmp_path, torch_rt, su
     """Resuming with --s-image 8 after a run that used the default 8 resumes; it is the same render."""
     import dreampose_rt.animate as animate
     from dreampose.video import frame_name
-    from dreampose_rt.animate import RenderSettings, render_to_file, work_folder
+    from dreampose_rt.animate import render_to_file, work_folder
 
     out = tmp_path / "o.gif"
     with pytest.raises(KeyboardInterrupt):  # interrupt the first render after its first frame
@@ -205,12 +215,13 @@ def test_defaults_and_explicit_values_are_the_same_render(tmp_path, torch_rt, su
 
         animate.write_png = interrupt_after_one
         try:
-            render_to_file(torch_rt, out, pose_seq[:3], subject_image, RenderSettings(steps=2), progress=False)
+            render_to_file(torch_rt, out, pose_seq[:3], subject_image, SamplingSettings.for_model(torch_rt.config, steps=2),
+                           progress=False)
         finally:
             animate.write_png = real
     assert (work_folder(out) / frame_name(0)).is_file()
     c = torch_rt.config
-    explicit = RenderSettings(steps=2, s_image=c.s_image, s_pose=c.s_pose)
+    explicit = SamplingSettings(scheduler="pndm", steps=2, s_image=c.s_image, s_pose=c.s_pose, seed=0, noise="shared")
     report = render_to_file(torch_rt, out, pose_seq[:3], subject_image, explicit, progress=False)
     assert report.resumed == 1 and report.rendered == 2
 

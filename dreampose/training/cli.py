@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig, load_config
-    from .finetune import finetune
+    from .stage2 import finetune
 
     values = _values(args, _SKIP)
     values["images"] = tuple(args.images) if args.images else None

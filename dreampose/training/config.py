@@ -11,7 +11,7 @@ from ..utils import DreamPoseError, PathLike, dataclass_from_dict, read_json, wr
 
 T = TypeVar("T")
 
-PRECISIONS = ("no", "bf16", "fp16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 PIXEL_LOSSES = ("l1", "mse")
 
@@ -50,8 +50,8 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in PRECISIONS:
-            raise DreamPoseError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise DreamPoseError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 0 or self.log_every < 1:
             raise DreamPoseError("checkpoint_every and keep_checkpoints must be >= 0, log_every >= 1")
 

@@ -26,7 +26,7 @@ class Denoiser(nn.Module):
 
     forward(noisy (B, 4, h, w), pose_window (B, 2 * n_poses, h, w) in [-1, 1], timesteps (B,),
     clip_tokens (B, N, D), image_latents (B, 4, h, w)) -> predicted noise (B, 4, h, w). Computes what
-    ``model.denoise(noisy, pose_window, t, model.encode_image(image))`` computes.
+    ``model.predict_noise(noisy, pose_window, t, model.encode_image(image))`` computes.
     """
 
     def __init__(self, unet: nn.Module, adapter: nn.Module) -> None:
