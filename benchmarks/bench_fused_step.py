@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from dreampose.settings import PRECISIONS, torch_dtype
 from dreampose.utils import atomic_file
 from dreampose_rt.graphs import capture as capture_graph
 from dreampose_rt.scheduler.table import AKEEP, AM, MAX_HISTORY, OA, OH0, OS, SAVE_SAMPLE, WRITE_SLOT
@@ -51,7 +52,6 @@ CONFIGS = {
     "ddim": dict(SD, steps_offset=1, set_alpha_to_one=False),
 }
 DIFFUSERS_CLASS = {"dpmpp": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NOMINAL_COPY_GBPS = 3000.0  # H100 SXM device copy, as measured on the lent machine (~3.0 TB/s)
 
 
@@ -119,7 +119,7 @@ def bench(frames: int, scheduler: str, steps: int, dtype: torch.dtype, rounds: i
 
     from dreampose.guidance import combine_guidance
     from dreampose_rt.kernels import guided_step
-    from dreampose_rt.sampler import FusedSampler
+    from dreampose_rt.fused_sampler import FusedSampler
     from dreampose_rt.scheduler import create_scheduler
 
     device = torch.device("cuda")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--scheduler", default="dpmpp", choices=sorted(CONFIGS))
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp16", choices=PRECISIONS)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--results", default=RESULTS, help="folder for the JSON record")
     args = p.parse_args(argv)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps()
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     results = [bench(f, args.scheduler, args.steps, dtype, args.rounds, copy_gbps) for f in args.frames]
     props = torch.cuda.get_device_properties(0)
     record = {

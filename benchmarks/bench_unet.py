@@ -46,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from dreampose.settings import PRECISIONS, torch_dtype
 from dreampose_rt.graphs import capture as capture_graph
 
 from .measure import count_flops, device_info, device_peak_tflops, meta_copy, slug, today, versions
@@ -53,7 +54,6 @@ from .measure import count_flops, device_info, device_peak_tflops, meta_copy, sl
 logger = logging.getLogger(__name__)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: torch.compile modes that use CUDA graphs themselves (a graph inside a capture fails)
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 #: relative error vs the fp32 call that a variant of each dtype must stay under (random weights, 16 blocks deep)
@@ -81,10 +81,10 @@ class VariantSpec:
         parts = name.split("-")
         flags = parts[1:]
         attention = [p for p in flags if p in ATTENTION]
-        if (parts[0] not in DTYPES or any(p not in ("cl", "cudnnbench", *ATTENTION) for p in flags)
+        if (parts[0] not in PRECISIONS or any(p not in ("cl", "cudnnbench", *ATTENTION) for p in flags)
                 or len(attention) > 1 or len(set(flags)) != len(flags)):
             raise ValueError(f"unknown variant {name!r}: {VARIANT_FORMAT}")
-        return cls(name, DTYPES[parts[0]], "cl" in flags, "cudnnbench" in flags, attention[0] if attention else None)
+        return cls(name, torch_dtype(parts[0]), "cl" in flags, "cudnnbench" in flags, attention[0] if attention else None)
 
     def attention_context(self):
         """A context that pins the variant's attention kernel (a no-op context when it pins none)."""

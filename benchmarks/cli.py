@@ -39,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                           seed=args.seed)
     settings = BenchSettings(
         device=args.device, model=args.model, frames=args.frames, frames_per_batch=args.frames_per_batch,
-        sampling=sampling, model_seed=args.seed, baseline_steps=args.baseline_steps,
+        sampling=sampling, model_seed=args.model_seed, baseline_steps=args.baseline_steps,
         baseline_frames=args.baseline_frames, backends=args.backends,
         precision=args.precision, repeats=args.repeats, warmup=args.warmup,
         breakdown_rounds=args.breakdown_rounds, engines=args.engines,
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not measured (default: 1)")
     p.add_argument("--breakdown-rounds", type=int, default=1,
                    help="instrumented rounds for the phase breakdown, after the timed ones (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="model (tiny / sd15) and noise seed")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--model-seed", type=int, default=0, help="seed of the tiny / sd15 models' random weights (default: 0)")
     p.add_argument("--engines", default=None, help=f"engine folder for {' / '.join(RUNTIME_BACKENDS[2:])}")
     p.add_argument("--build-engines", action="store_true",
                    help="build (or reuse) onnxruntime engines for the model in --cache-dir when --engines is not given")

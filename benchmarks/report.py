@@ -1,6 +1,6 @@
 """The suite's outputs: the JSON record, a markdown table and a PNG bar chart (drawn with Pillow).
 
-Pillow draws the chart because it is already a dependency of the project: ``dreampose-rt bench`` then
+Pillow draws the chart because it is already a dependency of the project: ``python -m benchmarks`` then
 works in a plain install, with no plotting stack to pull in for a dozen rectangles.
 """
 
@@ -29,6 +29,11 @@ def output_stem(result: dict[str, Any]) -> str:
     return f"bench_{device}_{slug(result['model']['name'])}{layout}_{result['date'][:10]}"
 
 
+def _sampling(settings: dict[str, Any]) -> dict[str, Any]:
+    """The sampling settings of a record: ``settings.sampling`` (schema 2), or flat in ``settings`` (schema 1)."""
+    return settings.get("sampling") or settings
+
+
 def _g(x: float) -> str:
     return f"{x:.3g}"
 
@@ -41,11 +46,11 @@ def markdown(result: dict[str, Any]) -> str:
     """The result as markdown: settings, the main table, the breakdown, unavailable backends, microbenchmarks."""
     s, dev, v = result["settings"], result["device"], result["versions"]
     lines = [
-        f"# dreampose-rt bench: {result['model']['name']} ({result['model']['height']} x {result['model']['width']}) "
+        f"# dreampose-rt benchmark: {result['model']['name']} ({result['model']['height']} x {result['model']['width']}) "
         f"on {dev['name']}",
         "",
-        f"{result['date']}; {s['frames']} frames, {s['sampling']['steps']} {s['sampling']['scheduler']} steps "
-        f"(baseline: {s['baseline_steps'] or s['sampling']['steps']} PNDM steps"
+        f"{result['date']}; {s['frames']} frames, {_sampling(s)['steps']} {_sampling(s)['scheduler']} steps "
+        f"(baseline: {s['baseline_steps'] or _sampling(s)['steps']} PNDM steps"
         + (f", {s['baseline_frames']} of the frames in its batched mode" if s.get("baseline_frames") else "")
         + f"), {s['repeats']} interleaved rounds after {s['warmup']} "
         f"warm-up; timing: {result['timing']}; torch {v['torch']}"
@@ -154,10 +159,10 @@ def bar_chart(result: dict[str, Any], path: str | Path) -> None:
     d = ImageDraw.Draw(img)
     title, small = _font(18), _font(13)
     m = result["model"]
-    d.text((12, 10), f"dreampose-rt bench: {m['name']} {m['height']}x{m['width']} on {result['device']['name']}",
+    d.text((12, 10), f"dreampose-rt benchmark: {m['name']} {m['height']}x{m['width']} on {result['device']['name']}",
            fill="black", font=title)
     s = result["settings"]
-    d.text((12, 36), f"seconds per frame (median, whisker p95); {s['sampling']['steps']} {s['sampling']['scheduler']} steps, "
+    d.text((12, 36), f"seconds per frame (median, whisker p95); {_sampling(s)['steps']} {_sampling(s)['scheduler']} steps, "
            f"{s['frames']} frames batched; {result['date'][:10]}", fill=(80, 80, 80), font=small)  # fmt: skip
     vmax = max(r[mode]["seconds_per_frame"]["p95"] for r in variants.values() for mode in MODE_LABELS)
     scale = (width - left - right) / vmax

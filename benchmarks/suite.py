@@ -1,7 +1,7 @@
 """The benchmark suite: the original release's way of rendering against every backend, in one run.
 
-    from benchmarks.suite import BenchSettings, run_suite
-    result = run_suite(BenchSettings(device="cuda", model="sd15", frames=4))   # from a checkout
+    from benchmarks.suite import BenchSettings, run_suite     # from a checkout (not installed)
+    result = run_suite(BenchSettings(device="cuda", model="sd15", frames=4))
 
 Variants:
 
@@ -64,13 +64,14 @@ RUNTIME_BACKENDS = tuple(reversed(AUTO_ORDER))  # the runtime's backends, the re
 VARIANTS = (BASELINE, *RUNTIME_BACKENDS)
 MODES = ("one_frame", "batched")
 MODELS = ("tiny", "sd15")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: settings.sampling (scheduler, steps, scales, seed, noise) and settings.model_seed
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """What to run, checked on construction. ``sampling``: how the runtime backends sample (the baseline
-    always runs diffusers' PNDM, with ``sampling``'s scales and seed); ``model_seed``: the random weights of
+    """What to run, checked on construction. ``sampling``: how the runtime backends sample (None: the
+    model's defaults; the baseline always runs diffusers' PNDM, with ``sampling``'s scales and seed);
+    ``model_seed``: the random weights of
     the tiny / sd15 models. ``frames_per_batch=None``: all ``frames`` in one UNet call (capped by engines'
     limits); ``baseline_steps=None``: the same as ``sampling.steps``; ``baseline_frames=None``: the baseline's batched mode
     renders all ``frames`` (it renders one frame at a time with everything recomputed, so its seconds per
@@ -82,7 +83,7 @@ class BenchSettings:
     model: str = "tiny"
     frames: int = 4
     frames_per_batch: int | None = None
-    sampling: SamplingSettings = SamplingSettings()
+    sampling: SamplingSettings | None = None
     model_seed: int = 0
     baseline_steps: int | None = None
     baseline_frames: int | None = None
@@ -101,8 +102,8 @@ class BenchSettings:
     micro_rounds: int = 10
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sampling, SamplingSettings):
-            raise DreamPoseError(f"sampling must be a SamplingSettings, got {type(self.sampling).__name__}")
+        if self.sampling is not None and not isinstance(self.sampling, SamplingSettings):
+            raise DreamPoseError(f"sampling must be a SamplingSettings (or None), got {type(self.sampling).__name__}")
         object.__setattr__(self, "backends", tuple(self.backends))
         for name in ("frames", "repeats", "breakdown_rounds", "micro_rounds"):
             if getattr(self, name) < 1:
@@ -293,7 +294,7 @@ def _runtime_variant(
 
     def render(frames: list[int], frames_per_batch: int) -> None:
         rt.clear_cache()  # every render pays for its conditioning once, as a new video does
-        rt.render(poses, image, s.sampling, frames=frames, frames_per_batch=frames_per_batch)
+        rt.render(poses, image, settings=s.sampling, frames=frames, frames_per_batch=frames_per_batch)
 
     if engines is not None:
         weights = sum(f.stat().st_size for f in engines.iterdir() if f.suffix in (".onnx", ".data", ".plan"))
@@ -394,6 +395,8 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         logger.warning("bench: the sd15 model at 640 x 512 on the CPU is very slow (~320 TFLOP per frame at 100 "
                        "steps: hours per frame); it is meant for a GPU")  # fmt: skip
     base, model_desc = load_model(s.model, s.model_seed)
+    if s.sampling is None:
+        s = dataclasses.replace(s, sampling=SamplingSettings.for_model(base.config))
     image, poses = _inputs(base, s.frames)
     logger.info("bench: counting FLOPs on a meta copy of the model")
     flops = dreampose_flops(base)
@@ -475,7 +478,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         info["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     return {
-        "benchmark": "dreampose-rt bench",
+        "benchmark": "python -m benchmarks",
         "schema_version": SCHEMA_VERSION,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": info,
@@ -548,7 +551,7 @@ def run_micro(variants: Sequence[Variant], model: DreamPoseModel, device: torch.
             out["fused_step"] = {"skipped": f"the Triton kernel cannot run here: {kernel.reason}"}
         else:
             logger.info("bench: micro: fused guidance + update (Triton vs eager)")
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(s.precision or "fp16", torch.float16)
+            dtype = torch_dtype(s.precision or "fp16")
             copy = bench_fused_step.copy_bandwidth_gbps()
             out["fused_step"] = bench_fused_step.bench(1, s.sampling.scheduler, s.sampling.steps, dtype, s.micro_rounds,
                                                        copy)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Union
 
 import torch
 
 from .model import DreamPoseModel, load_state_dict_checked
-from .utils import DreamPoseError, PathLike
+from .utils import DreamPoseError, PathLike, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,17 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DreamPoseError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DreamPoseError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or non-torch files
-        raise DreamPoseError(f"{path}: cannot read as a PyTorch state dict ({type(e).__name__}: {e})") from None
+        raise DreamPoseError(f"{path}: cannot read as a PyTorch state dict ({type(e).__name__}: {first_line(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -73,19 +78,31 @@ def load_release_vae_decoder(
     load_state_dict_checked(model.vae, state, source)
 
 
+StateSource = Union[PathLike, tuple[dict[str, torch.Tensor], str]]
+
+
+def _state(source: StateSource) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(source, tuple):
+        return source
+    return load_state_dict_file(source), str(source)
+
+
 def import_release(
     base: DreamPoseModel,
-    unet: PathLike,
-    adapter: PathLike,
+    unet: StateSource,
+    adapter: StateSource,
     out: PathLike,
-    vae: PathLike | None = None,
+    vae: StateSource | None = None,
 ) -> DreamPoseModel:
     """Load the release's .pth checkpoints into ``base`` (a DreamPose built from the same SD and CLIP) and
-    save the result as a model folder at ``out``. Returns the loaded model."""
-    load_release_unet(base, load_state_dict_file(unet), str(unet))
-    load_release_adapter(base, load_state_dict_file(adapter), str(adapter))
+    save the result as a model folder at ``out``. Returns the loaded model.
+
+    Each checkpoint is a path, or ``(state dict, name for errors)`` when it was read already (the command
+    line reads them before the slow SD import, so that a bad file fails first)."""
+    load_release_unet(base, *_state(unet))
+    load_release_adapter(base, *_state(adapter))
     if vae is not None:
-        load_release_vae_decoder(base, load_state_dict_file(vae), str(vae))
-    base.save_pretrained(out)
+        load_release_vae_decoder(base, *_state(vae))
+    base.save_pretrained(out, command="import-release")
     logger.info("imported the release's checkpoints into %s", out)
     return base

@@ -2,7 +2,7 @@
 
 ``pndm`` (PLMS with skip_prk_steps, the paper's), ``ddim`` (eta = 0) and ``dpmpp`` (DPM-Solver++
 multistep, order 2), all built from the model folder's scheduler config. The runtime's schedulers
-(dreampose_rt.scheduler, C++ with a Python twin) are checked against these.
+(dreampose_rt.scheduler: a C++ core with a pure-Python fallback) are checked against these.
 """
 
 from __future__ import annotations

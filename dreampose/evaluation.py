@@ -12,9 +12,8 @@ with the sampling settings):
 - Resolution: the model's. SynthFashion renders at it; a UBC folder's frames are resized like the
   pipeline's image loading (bicubic, antialiased), its poses bilinearly.
 - Colour range: outputs and ground truth are uint8; metrics read them as float in [0, 1].
-- Sampling: a :class:`dreampose.settings.SamplingSettings` (the command line's default: the model's
-  steps and guidance, PNDM, seed 0, one shared noise for all frames as in the paper), all targets of a
-  video in one batch.
+- Sampling: a :class:`dreampose.settings.SamplingSettings` (by default PNDM 100 steps, the model's
+  guidance, seed 0, one shared noise for all frames as in the paper), all targets of a video in one batch.
 - Metrics (dreampose.metrics), per frame then averaged per video; "overall" is the mean over all frames:
   L1, PSNR (dB, peak 1), SSIM (Gaussian 7 x 7, sigma 1.5), foreground IoU against the ground-truth
   silhouette (SynthFashion: the exact one; UBC: where the DensePose U or V is > 0), segmenting each frame
@@ -57,8 +56,9 @@ import torch.nn.functional as F
 from .metrics import feature_statistics, foreground_iou, frechet_distance, l1, psnr, ssim, to_unit
 from .model import DreamPoseModel
 from .pipeline import DreamPosePipeline
+from .outputs import claim_output_dir
 from .settings import TEST_SEED, EvalProtocol, SamplingSettings
-from .utils import DreamPoseError, PathLike, load_frozen_module, write_json
+from .utils import DreamPoseError, PathLike, atomic_file, load_frozen_module, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,8 @@ def evaluate(
 ) -> EvalReport:
     """Render the protocol's test set with ``model`` (the reference pipeline) and score it.
 
-    ``sampling``: how to render (None: the model's defaults, PNDM, seed 0, shared noise).
+    ``sampling``: how to render (None: the protocol's: PNDM 100 steps, the model's guidance, seed 0, one
+    shared noise).
 
     ``fid_model`` / ``fvd_model``: local feature extractors (:func:`load_feature_extractor`, conventions in
     :func:`set_metrics`); FID / FVD are reported overall only when given.
@@ -415,14 +416,14 @@ def evaluate(
     """
     c = model.config
     pipe = DreamPosePipeline(model)
-    sampling = SamplingSettings.for_model(c) if sampling is None else sampling
+    sampling = SamplingSettings.for_model(c, steps=100) if sampling is None else sampling
     results = []
     rendered: dict[str, list[np.ndarray]] = {"model": [], "gt": [], "repeat": []}
     for video in test_videos(protocol, c.height, c.width):
         targets = protocol.targets(len(video.images))
         subject = video.images[protocol.subject_frame]
         t0 = time.perf_counter()
-        frames = pipe(subject, video.uv, sampling, frames=targets, frames_per_batch=len(targets), progress=progress)
+        frames = pipe(subject, video.uv, settings=sampling, frames=targets, frames_per_batch=len(targets), progress=progress)
         seconds = time.perf_counter() - t0
         repeat = np.repeat(subject[None], len(targets), axis=0)
         gt = video.images[targets]
@@ -477,14 +478,16 @@ def strip_image(report: EvalReport, protocol: EvalProtocol, height: int, width: 
     return canvas
 
 
-def write_report(report: EvalReport, out_dir: PathLike, strip: np.ndarray | None = None) -> Path:
-    """Write metrics.json, metrics.md and (if given) strip.png into ``out_dir``. Returns the folder."""
+def write_report(report: EvalReport, out_dir: PathLike, strip: np.ndarray | None = None,
+                 inputs: Sequence[PathLike | None] = ()) -> Path:
+    """Write metrics.json, metrics.md and (if given) strip.png into ``out_dir`` (new, empty, or an earlier
+    evaluate output: see dreampose.outputs; never one of ``inputs``). Returns the folder."""
     from dreampose.video import write_png
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out_dir, "evaluate", inputs=inputs)
     write_json(out / "metrics.json", report.to_dict())
-    (out / "metrics.md").write_text(report.markdown())
+    with atomic_file(out / "metrics.md") as tmp:
+        tmp.write_text(report.markdown())
     if strip is not None:
         write_png(strip, out / "strip.png")
     return out

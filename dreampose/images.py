@@ -8,6 +8,7 @@ videos flicker).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Union
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import DreamPoseError, PathLike
+from .utils import DreamPoseError, PathLike, first_line
 
 ImageLike = Union[PathLike, "PIL.Image.Image", np.ndarray, torch.Tensor]  # noqa: F821
 
@@ -29,18 +30,19 @@ def load_image(image: ImageLike, size: tuple[int, int] | None = None) -> torch.T
     """
     from PIL import Image
 
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise DreamPoseError(f"{path}: is a folder, not an image file")
         if not path.is_file():
             raise DreamPoseError(f"{path}: image not found")
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise DreamPoseError(f"{path}: cannot read the image ({e})") from None
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+                x = pil_to_unit(im, str(path))
+        except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for a corrupt or unknown file
+            raise DreamPoseError(f"{path}: cannot read the image ({first_line(e)})") from None
     elif isinstance(image, Image.Image):
-        x = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float() / 255.0
+        x = pil_to_unit(image, "image")
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise DreamPoseError(f"image array must be (H, W, 3), got shape {image.shape}")
@@ -69,6 +71,26 @@ def load_image(image: ImageLike, size: tuple[int, int] | None = None) -> torch.T
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     return x * 2.0 - 1.0
+
+
+def pil_to_unit(im: "PIL.Image.Image", source: str) -> torch.Tensor:  # noqa: F821
+    """A PIL image of any mode -> float32 (3, H, W) in [0, 1], at its own bit depth.
+
+    8-bit modes (L, LA, P, RGB, RGBA, CMYK, ...) through RGB (alpha dropped); 16-bit and 32-bit integer
+    greyscale (I;16*, I: a 16-bit PNG) scaled by 65535 (converting them to RGB would clip every value above
+    255 to white); float greyscale (F) must already lie in [0, 1]. Greyscale becomes three equal channels.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        grey = np.asarray(im).astype(np.float32)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise DreamPoseError(f"{source}: {mode} image values outside 0..65535")
+        x = torch.from_numpy(grey / 65535.0)[None].expand(3, -1, -1).contiguous()
+    elif mode == "F":
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy())[None].expand(3, -1, -1).contiguous()
+    else:
+        x = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255.0
+    return x
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

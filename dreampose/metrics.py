@@ -23,7 +23,7 @@ themselves gives the upper bound the harness reports beside the model.
 
 Set-level metrics (FID, FVD): :func:`feature_statistics` (mean and covariance of a set of feature
 vectors) and :func:`frechet_distance` (the Fréchet distance between the two Gaussians), in float64.
-The feature extractors (Inception-v3, I3D) are local files; ``dreampose_rt.evaluate`` applies them.
+The feature extractors (Inception-v3, I3D) are local files; ``dreampose.evaluation`` applies them.
 """
 
 from __future__ import annotations

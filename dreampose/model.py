@@ -15,6 +15,7 @@ A model folder (``save_pretrained`` / ``from_pretrained``) is in diffusers layou
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.resources
@@ -23,13 +24,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import DreamPoseError, PathLike, atomic_dir, dataclass_from_dict, read_json, write_json
+from .outputs import atomic_dir
+from .utils import DreamPoseError, PathLike, dataclass_from_dict, first_line, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -213,11 +215,21 @@ def widen_conv_in(unet: nn.Module, extra_channels: int) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Helpers shared by loaders
 # --------------------------------------------------------------------------------------------------
-def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise DreamPoseError naming the first tensor of ``state`` with a NaN or an infinity."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DreamPoseError(f"{source}: tensor {name} holds non-finite values (NaN or infinity); the weights "
+                                 "are broken: use another copy of the model")
+
+
+def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                            assign: bool = False) -> None:
     """Load ``state`` into ``module`` strictly; on any mismatch raise an error listing the keys.
 
     The error names ``source`` and lists missing keys, unexpected keys and shape mismatches (the first
-    ten of each, with counts).
+    ten of each, with counts); a tensor with NaN or infinity is an error too. ``assign``: the module's
+    parameters become the given tensors (for a module built on the meta device).
     """
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -234,7 +246,75 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], s
                 shown = ", ".join(keys[:10]) + (f", ... ({len(keys) - 10} more)" if len(keys) > 10 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
         raise DreamPoseError(f"{source}: state dict does not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    check_finite(state, source)
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+def read_safetensors(folder: Path, name: str, what: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a network folder: ``<name>`` or the shards listed in ``<name>.index.json``.
+    Returns (tensors, the file or index named in errors). Errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single, index = folder / name, folder / f"{name}.index.json"
+    if single.is_file():
+        files, source = [single], single
+    elif index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise DreamPoseError(f"{index}: no weight_map; the {what} weights are incomplete")
+        files, source = [folder / f for f in sorted(set(weight_map.values()))], index
+    else:
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise DreamPoseError(f"{folder}: {what} weights not found (expected {name}; the folder holds "
+                             f"{', '.join(found) or 'nothing'})")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise DreamPoseError(f"{f}: {what} weights file not found (listed in {source})")
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DreamPoseError(f"{f}: not a readable safetensors file ({first_line(e)}); the file is truncated "
+                                 "or not a weights file") from None
+    return state, str(source)
+
+
+def load_network(folder: Path, kind: str) -> nn.Module:
+    """One network of a model folder, built from its config.json on the meta device and given the weights
+    of its safetensors file, every tensor checked (present, the right shape, finite).
+
+    ``kind``: 'unet' (diffusers UNet2DConditionModel), 'vae' (AutoencoderKL) or 'image_encoder'
+    (transformers CLIPVisionModel). Errors (a missing or malformed config, a config field of the wrong
+    type, a truncated or incomplete weights file, a tensor that does not fit) are DreamPoseErrors that
+    name the file, the field or the tensor.
+    """
+    from accelerate import init_empty_weights
+
+    what = {"unet": "UNet", "vae": "VAE", "image_encoder": "image encoder"}[kind]
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise DreamPoseError(f"{folder}: no config.json (an empty or incomplete {what} folder)")
+    config = read_json(config_path)
+    try:
+        with init_empty_weights(include_buffers=False):
+            if kind == "image_encoder":
+                from transformers import CLIPVisionConfig, CLIPVisionModel
+
+                clean = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
+                net = CLIPVisionModel(CLIPVisionConfig(**clean))
+                weights = "model.safetensors"
+            else:
+                from diffusers import AutoencoderKL, UNet2DConditionModel
+
+                cls = UNet2DConditionModel if kind == "unet" else AutoencoderKL
+                net = cls.from_config(_clean_diffusers_config(config))
+                weights = "diffusion_pytorch_model.safetensors"
+    except Exception as e:  # a config the network cannot be built from: the user's file, whatever the error
+        raise DreamPoseError(f"{config_path}: not a valid {what} config ({type(e).__name__}: {first_line(e)})") from None
+    state, source = read_safetensors(folder, weights, what)
+    load_state_dict_checked(net, state, source, assign=True)
+    return net.eval()
 
 
 def bundled_config(name: str, which: str = "sd15") -> dict:
@@ -245,6 +325,37 @@ def bundled_config(name: str, which: str = "sd15") -> dict:
 
 def _clean_diffusers_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bar() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(cls: Any, folder: Path, what: str) -> nn.Module:
+    """``cls.from_pretrained(folder)`` offline (diffusers or transformers: their layouts, .bin or
+    safetensors, sharded or not), refusing a network with a missing tensor or non-finite weights, and
+    turning the libraries' errors about the folder into a DreamPoseError that names it."""
+    try:
+        net, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise DreamPoseError(f"{folder}: cannot load the {what} ({type(e).__name__}: {first_line(e)})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing or mismatched:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise DreamPoseError(f"{folder}: the {what}'s weights are incomplete: {len(missing)} missing tensor(s)"
+                             f"{': ' + shown if missing else ''}{f', {len(mismatched)} of the wrong shape' if mismatched else ''}")
+    check_finite(net.state_dict(), f"{folder} ({what})")
+    return net
 
 
 def _require_folder(folder: Path, what: str) -> None:
@@ -561,26 +672,30 @@ class DreamPoseModel(nn.Module):
             _require_folder(sd_dir / sub, f"Stable Diffusion {sub}/ folder")
         _require_folder(clip_dir, "CLIP folder")
         config = DreamPoseConfig(height=height, width=width, **config_overrides)
-        unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet", local_files_only=True)
+        unet = _from_pretrained(UNet2DConditionModel, sd_dir / "unet", "Stable Diffusion UNet")
         if unet.config.in_channels != 4:
             raise DreamPoseError(f"{sd_dir / 'unet'}: expected an SD 1.x UNet with 4 input channels, got {unet.config.in_channels}")
         widen_conv_in(unet, config.pose_window_channels)
-        vae = AutoencoderKL.from_pretrained(sd_dir / "vae", local_files_only=True)
-        image_encoder = CLIPVisionModel.from_pretrained(clip_dir, local_files_only=True)
+        vae = _from_pretrained(AutoencoderKL, sd_dir / "vae", "Stable Diffusion VAE")
+        image_encoder = _from_pretrained(CLIPVisionModel, clip_dir, "CLIP vision model")
         sched_path = sd_dir / "scheduler" / "scheduler_config.json"
         scheduler_config = read_json(sched_path) if sched_path.is_file() else bundled_config("scheduler_config")
         adapter = SplitCLIPVAEAdapter(cls.adapter_config_for(vae.config, image_encoder.config, height, width))
         return cls(unet, vae, image_encoder, adapter, scheduler_config, config).eval()
 
     # ---- persistence --------------------------------------------------------------------------
-    def save_pretrained(self, folder: PathLike) -> None:
-        """Write the model folder atomically (a reader sees the old folder or the complete new one)."""
+    def save_pretrained(self, folder: PathLike, command: str = "save_pretrained") -> None:
+        """Write the model folder atomically (a reader sees the old folder or the complete new one).
+
+        ``folder`` must not exist, be empty, or be an earlier output of ``command`` (the name recorded in
+        its marker, see dreampose.outputs): anything else is refused, never replaced."""
         folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, command) as tmp:
             write_json(tmp / CONFIG_NAME, self.config.to_dict())
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-            self.image_encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
+            with _no_transformers_progress_bar():  # its "Writing model shards" bar for one small file
+                self.image_encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
             self.adapter.save_pretrained(tmp / "adapter")
             write_json(tmp / "scheduler" / "scheduler_config.json", self.scheduler_config)
         logger.info("saved DreamPose model to %s", folder)
@@ -592,21 +707,23 @@ class DreamPoseModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "DreamPoseModel":
-        """Load a model folder written by ``save_pretrained`` (or by ``import_release``), offline."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPVisionModel
+        """Load a model folder written by ``save_pretrained`` (or by ``import_release``), offline.
 
+        Every network is built from its config and given its weights checked tensor by tensor (see
+        :func:`load_network`): a folder with a missing, truncated, misshapen or non-finite tensor, or a
+        config that does not fit its weights, is refused with a DreamPoseError naming the file and tensor.
+        """
         folder = Path(folder)
-        if not folder.is_dir():
+        if not isinstance(folder, Path) or not folder.is_dir():
             raise DreamPoseError(f"{folder}: model folder not found")
         if not (folder / CONFIG_NAME).is_file():
             raise DreamPoseError(f"{folder}: not a DreamPose model folder (no {CONFIG_NAME})")
         for sub in SUBFOLDERS:
             _require_folder(folder / sub, f"{sub}/")
         config = DreamPoseConfig.from_dict(read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME))
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
-        image_encoder = CLIPVisionModel.from_pretrained(folder / "image_encoder", local_files_only=True)
+        unet = load_network(folder / "unet", "unet")
+        vae = load_network(folder / "vae", "vae")
+        image_encoder = load_network(folder / "image_encoder", "image_encoder")
         adapter = SplitCLIPVAEAdapter.from_pretrained(folder / "adapter")
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
         model = cls(unet, vae, image_encoder, adapter, scheduler_config, config)

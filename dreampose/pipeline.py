@@ -30,7 +30,7 @@ from .images import ImageLike, load_image, to_uint8
 from .model import DreamPoseModel
 from .poses import load_poses, pose_window, prepare_poses
 from .diffusers_schedulers import make_diffusers_scheduler
-from .settings import SamplingSettings, check_int
+from .settings import SamplingSettings, check_int, sampling_settings
 from .timing import PhaseTimer, timed
 from .utils import DreamPoseError, PathLike
 
@@ -68,8 +68,8 @@ def batch_noise(seed: int, frames: Sequence[int], noise: str, shape: Sequence[in
 def resolve_frames(frames: Sequence[int] | None, n_total: int) -> list[int]:
     """The frame indices to render (all by default), checked against the number of poses.
 
-    ``frames``: integers in ``[0, n_total)`` (no duplicates); an empty list, a float or an index out of
-    range is a DreamPoseError that names the value.
+    ``frames``: integers in ``[0, n_total)``; an empty list, a float or an index out of range is a
+    DreamPoseError that names the value.
     """
     if frames is None:
         return list(range(n_total))
@@ -77,35 +77,21 @@ def resolve_frames(frames: Sequence[int] | None, n_total: int) -> list[int]:
         raise DreamPoseError(f"frames must be a sequence of frame indices, got {frames!r}")
     out = []
     for i in frames:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise DreamPoseError(f"frames must hold integer frame indices, got {i!r}")
-        out.append(int(i))
+        try:
+            out.append(check_int("frames", i, None))
+        except DreamPoseError:
+            raise DreamPoseError(f"frames must hold integer frame indices, got {i!r}") from None
     if not out:
         raise DreamPoseError("frames is empty: give at least one frame index (or None for all)")
     bad = [i for i in out if not 0 <= i < n_total]
     if bad:
         raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses (valid: 0 .. {n_total - 1})")
-    if len(set(out)) != len(out):
-        raise DreamPoseError(f"frames holds repeated indices: {sorted(i for i in set(out) if out.count(i) > 1)[:5]}")
     return out
 
 
 def check_frames_per_batch(frames_per_batch: Any) -> int:
     """``frames_per_batch`` if it is an integer >= 1, else a DreamPoseError naming the value."""
     return check_int("frames_per_batch", frames_per_batch, 1)
-
-
-def sampling_settings(config: Any, settings: SamplingSettings | None, given: dict[str, Any]) -> SamplingSettings:
-    """The render's SamplingSettings: ``settings`` as given, or built from ``given`` keyword values (None: the
-    model's defaults from ``config``); both at once is an error, as is a name that is not a setting."""
-    if settings is None:
-        return SamplingSettings.for_model(config, **given)
-    if not isinstance(settings, SamplingSettings):
-        raise DreamPoseError(f"settings must be a SamplingSettings, got {type(settings).__name__}")
-    extra = sorted(k for k, v in given.items() if v is not None)
-    if extra:
-        raise DreamPoseError(f"give either settings or {', '.join(extra)}, not both")
-    return settings
 
 
 class DreamPosePipeline:
@@ -268,6 +254,6 @@ class DreamPosePipeline:
             frames_per_batch: frames per UNet call (the batch is 3 x this).
             progress: show a progress bar.
         """
-        out = [f for _, f in self.iter_frames(image, poses, settings, frames=frames,
+        out = [f for _, f in self.iter_frames(image, poses, settings=settings, frames=frames,
                                                frames_per_batch=frames_per_batch, progress=progress, **sampling)]
         return np.stack(out)

@@ -13,14 +13,16 @@ index I is not used). Sources read by :func:`load_poses`:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils import DreamPoseError, PathLike
+from .utils import DreamPoseError, PathLike, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +32,23 @@ _NUMBER = re.compile(r"(\d+)")
 _RANGE_TOL = 1e-3
 
 
-def load_poses(source: PathLike | np.ndarray | torch.Tensor) -> np.ndarray:
+def load_poses(source: PathLike | np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
     """Read a pose sequence. Returns float32 (T, 2, H, W) with values in [0, 1].
 
-    Raises DreamPoseError naming the file for: a missing path, an empty folder, a gap in the frame
-    numbering, a wrong rank or channel count, values outside [0, 1], non-finite values, or frames of
-    different sizes.
+    ``source``: a path (see the module docstring), an array or tensor (T, 2, H, W), or a list of per-frame
+    arrays or tensors (2, H, W). Raises DreamPoseError naming the file or argument for: a missing path, an
+    empty folder or list, a gap in the frame numbering, a wrong rank or channel count, values outside
+    [0, 1], non-finite values, or frames of different sizes.
     """
     if isinstance(source, torch.Tensor):
         return check_poses(source.detach().cpu().numpy(), "poses tensor")
     if isinstance(source, np.ndarray):
         return check_poses(source, "poses array")
+    if isinstance(source, (list, tuple)):
+        return check_poses(_stack_frames(source), "poses list")
+    if source is None or not isinstance(source, (str, os.PathLike)):
+        raise DreamPoseError(f"poses must be a path, an array (T, 2, H, W) or a list of (2, H, W) arrays, "
+                             f"got {type(source).__name__}")
     path = Path(source)
     if not path.exists():
         raise DreamPoseError(f"{path}: poses not found")
@@ -59,6 +67,23 @@ def load_poses(source: PathLike | np.ndarray | torch.Tensor) -> np.ndarray:
                 raise DreamPoseError(f"{path}: .npz holds {keys}; expected one array or one named 'poses'")
         return check_poses(arr, str(path))
     raise DreamPoseError(f"{path}: unsupported pose file (expected a folder, .npy or .npz)")
+
+
+def _stack_frames(frames: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+    """A list of per-frame (2, H, W) arrays or tensors -> (T, 2, H, W); errors name the frame."""
+    if len(frames) == 0:
+        raise DreamPoseError("poses list is empty: give at least one (2, H, W) pose")
+    arrays = []
+    for i, f in enumerate(frames):
+        a = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else f
+        if not isinstance(a, np.ndarray):
+            raise DreamPoseError(f"poses[{i}] must be an array or tensor (2, H, W), got {type(f).__name__}")
+        if a.ndim != 3 or a.shape[0] != 2:
+            raise DreamPoseError(f"poses[{i}] must have shape (2, H, W), got {a.shape}")
+        if arrays and a.shape != arrays[0].shape:
+            raise DreamPoseError(f"poses[{i}] has shape {a.shape} but poses[0] has {arrays[0].shape}")
+        arrays.append(a)
+    return np.stack(arrays)
 
 
 def check_poses(arr: np.ndarray, source: str) -> np.ndarray:
@@ -141,9 +166,13 @@ def read_iuv_image(path: PathLike) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if im.mode not in ("RGB", "RGBA", "P"):
+                raise DreamPoseError(f"{path}: an IUV image is 8-bit RGB (I, U x 255, V x 255), this one is {im.mode}")
             arr = np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise DreamPoseError(f"{path}: cannot read the IUV image ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DreamPoseError):
+            raise
+        raise DreamPoseError(f"{path}: cannot read the IUV image ({first_line(e)})") from None
     part = arr[..., 0]
     uv = arr[..., 1:3].astype(np.float32) / 255.0
     uv[part == 0] = 0.0

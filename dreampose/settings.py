@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,12 @@ def torch_dtype(precision: str) -> Any:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def precision_of(dtype: Any) -> str:
+    """torch dtype -> 'fp32' / 'fp16' / 'bf16' (the inverse of :func:`torch_dtype`); other dtypes by name."""
+    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(
+        str(dtype), str(dtype).replace("torch.", ""))
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else a DreamPoseError naming ``name`` and the choices."""
     if not isinstance(value, str) or value not in choices:
@@ -45,19 +54,30 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    """``value`` if it is an int (not a bool) in ``[low, high]``, else a DreamPoseError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def _is_scalar_tensor(value: Any) -> bool:
+    """A one-element torch tensor (checked without importing torch)."""
+    return type(value).__module__.startswith("torch") and getattr(value, "numel", lambda: 0)() == 1
+
+
+def check_int(name: str, value: Any, low: int | None, high: int | None = None) -> int:
+    """``value`` as an int if it is an integer (a Python or NumPy integer, a 0-d integer tensor; not a bool)
+    in ``[low, high]`` (None: unbounded), else a DreamPoseError naming ``name``."""
+    if isinstance(value, bool):
         raise DreamPoseError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise DreamPoseError(f"{name} must be an integer, got {value!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"<= {high}" if low is None else f"between {low} and {high}"
         raise DreamPoseError(f"{name} must be {bound}, got {value}")
     return value
 
 
 def check_float(name: str, value: Any, low: float | None = None, low_open: bool = False) -> float:
-    """``value`` as a finite float (and > or >= ``low``), else a DreamPoseError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a finite float (any real number: Python, NumPy, a 0-d tensor; and > or >= ``low``), else a
+    DreamPoseError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not _is_scalar_tensor(value):
         raise DreamPoseError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
@@ -91,24 +111,21 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         check_choice("scheduler", self.scheduler, SCHEDULER_NAMES)
-        check_int("steps", self.steps, 1, MAX_STEPS)
+        object.__setattr__(self, "steps", check_int("steps", self.steps, 1, MAX_STEPS))
         object.__setattr__(self, "s_image", check_float("s_image", self.s_image))
         object.__setattr__(self, "s_pose", check_float("s_pose", self.s_pose))
-        check_int("seed", self.seed, 0, 2**63 - 1)
+        object.__setattr__(self, "seed", check_int("seed", self.seed, None))  # any integer (used modulo 2**64)
         check_choice("noise", self.noise, NOISE_MODES)
-
-    #: the names :meth:`for_model` takes (the fields)
-    FIELDS = ("scheduler", "steps", "s_image", "s_pose", "seed", "noise")
 
     @classmethod
     def for_model(cls, config: Any = None, **given: Any) -> "SamplingSettings":
         """Settings for a model whose config (a DreamPoseConfig; None: the paper's) gives the defaults of
         ``steps``, ``s_image`` and ``s_pose``; ``given`` values that are not None win. An unknown name is a
         DreamPoseError that names it."""
-        unknown = sorted(set(given) - set(cls.FIELDS))
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(given) - set(names))
         if unknown:
-            raise DreamPoseError(f"unknown sampling setting(s) {', '.join(unknown)}; the settings are "
-                                 f"{', '.join(cls.FIELDS)}")
+            raise DreamPoseError(f"unknown sampling setting(s) {', '.join(unknown)}; the settings are {', '.join(names)}")
         values: dict[str, Any] = {}
         if config is not None:
             values = {"steps": config.num_inference_steps, "s_image": config.s_image, "s_pose": config.s_pose}
@@ -125,6 +142,20 @@ class SamplingSettings:
     @classmethod
     def from_dict(cls, data: dict, source: str = "sampling settings") -> "SamplingSettings":
         return dataclass_from_dict(cls, data, source)
+
+
+def sampling_settings(config: Any, settings: SamplingSettings | None, given: dict[str, Any]) -> SamplingSettings:
+    """A render's SamplingSettings, for API entry points that take either: ``settings`` as given, or one
+    built from ``given`` keyword values (None: the model's defaults from ``config``). Both at once is an
+    error, as is a name that is not a setting."""
+    if settings is None:
+        return SamplingSettings.for_model(config, **given)
+    if not isinstance(settings, SamplingSettings):
+        raise DreamPoseError(f"settings must be a SamplingSettings, got {type(settings).__name__}")
+    extra = sorted(k for k, v in given.items() if v is not None)
+    if extra:
+        raise DreamPoseError(f"give either settings or {', '.join(extra)}, not both")
+    return settings
 
 
 #: The SynthFashion seed of the held-out test set (the demo model trains on seed 0, tunes its guidance on 2).
@@ -157,6 +188,8 @@ class EvalProtocol:
     fvd_clip: int = 16
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, os.PathLike):
+            object.__setattr__(self, "data", os.fspath(self.data))
         if not isinstance(self.data, str) or not self.data:
             raise DreamPoseError(f"data must be 'synth' or a folder, got {self.data!r}")
         check_int("seed", self.seed, 0)
@@ -187,5 +220,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "precision_of",
+    "sampling_settings",
     "torch_dtype",
 ]

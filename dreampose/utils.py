@@ -1,4 +1,5 @@
-"""Small shared helpers: the user-facing error type, atomic writes, JSON dataclasses."""
+"""Small shared helpers: the user-facing error type, atomic file writes, JSON dataclasses (output folders:
+dreampose.outputs)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, Iterator, Type, TypeVar
 
@@ -53,30 +55,10 @@ def atomic_file(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_dir(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (which may exist).
-
-    The new folder is complete before it appears under ``path``, and the old one is deleted only after
-    the new one is in place. Between the two renames (microseconds) ``path`` does not exist; it is never
-    a half-written folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.replace(path, old)  # onto the empty folder just made: a unique name
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries append advice over several lines), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
 
 
 def write_json(path: PathLike, obj: Any) -> None:
@@ -99,20 +81,59 @@ def read_json(path: PathLike) -> dict:
     return obj
 
 
+def _type_matches(value: Any, hint: Any) -> bool:
+    """Does ``value`` (from JSON) fit the type hint? int fits float; bool fits neither; a hint this does
+    not know (a dict, a callable) fits anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_type_matches(v, a) for v, a in zip(value, args))
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return True
+
+
 def dataclass_from_dict(cls: Type[T], data: dict, source: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys are an error that names them and ``source``."""
+    """Build dataclass ``cls`` from ``data`` (JSON: lists become tuples). An unknown key, or a value of
+    the wrong type for its field, is a DreamPoseError that names the field and ``source``."""
+    if not isinstance(data, dict):
+        raise DreamPoseError(f"{source}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise DreamPoseError(f"{source}: unknown field(s) {unknown} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
             value = data[f.name]
             if isinstance(value, list):
                 value = tuple(value)
+            if not _type_matches(value, hints.get(f.name, Any)):
+                raise DreamPoseError(f"{source}: field {f.name} must be {_type_name(hints[f.name])}, got {value!r}")
             kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def load_frozen_module(path: PathLike, device: Any = "cpu", what: str = "module") -> Any:

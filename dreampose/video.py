@@ -11,11 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import DreamPoseError, PathLike, atomic_dir, atomic_file
+from .outputs import atomic_dir, check_output_file
+from .utils import DreamPoseError, PathLike, atomic_file
 
 logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
+#: the frame rates a video plays at: a GIF frame lasts 10 ms to 655.35 s (in 10 ms steps); H.264 in mp4
+#: from one frame a minute to 1000 a second (what ffmpeg's encoder takes here)
+FPS_RANGE = {"gif": (1 / 655.35, 100.0), "mp4": (1 / 60, 1000.0)}
 
 
 def output_kind(out: PathLike) -> str:
@@ -35,24 +39,38 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def write_frames(frames: np.ndarray, out: PathLike, fps: float = 8.0, quality: int = 18) -> Path:
+def check_fps(fps: float, out: PathLike) -> float:
+    """``fps`` if a video at ``out`` can play at it (a PNG folder takes any), else a DreamPoseError."""
+    kind = output_kind(out)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps) or fps <= 0:
+        raise DreamPoseError(f"fps must be a positive number, got {fps!r}")
+    low, high = FPS_RANGE.get(kind, (0.0, float("inf")))
+    if not low <= fps <= high:
+        raise DreamPoseError(f"fps {fps:g} is outside what a .{kind} can play ({low:g} to {high:g})")
+    return float(fps)
+
+
+def write_frames(frames: np.ndarray, out: PathLike, fps: float = 8.0, quality: int = 18,
+                 command: str = "write_frames") -> Path:
     """Write uint8 frames (T, H, W, 3) to ``out`` by its extension. Returns the path written.
 
     mp4: H.264 (libx264, yuv420p, constant quality ``quality`` as CRF); odd sizes are padded by one
     black pixel since 4:2:0 needs even sizes. gif: looping, ``fps`` (Pillow merges identical consecutive
-    frames into one longer frame: the timing is kept). Folder: frame_00000.png, ...
+    frames into one longer frame: the timing is kept). Folder: frame_00000.png, ... (a folder that exists
+    must be empty or an earlier output of ``command``, see dreampose.outputs; a file at ``out`` is replaced).
     """
     frames = _check_frames(frames)
-    if fps <= 0:
-        raise DreamPoseError(f"fps must be positive, got {fps}")
+    check_fps(fps, out)
     out = Path(out)
     kind = output_kind(out)
     if kind == "mp4":
+        check_output_file(out)
         _write_mp4(frames, out, fps, quality)
     elif kind == "gif":
+        check_output_file(out)
         _write_gif(frames, out, fps)
     else:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, command) as tmp:
             for i, f in enumerate(frames):
                 write_png(f, tmp / frame_name(i))
     logger.info("wrote %d frames to %s", len(frames), out)

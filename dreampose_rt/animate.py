@@ -2,10 +2,14 @@
 
 Frames are written, as they finish, to a work folder next to the output (``<OUT>.work/``: one PNG per
 frame, each written atomically, plus ``settings.json``). The same command after a crash or Ctrl-C finds
-the folder, checks that its settings are the same, and renders only the missing frames (a folder of a
-render with other settings is never discarded silently: that is an error unless ``--restart``). The video is
-assembled from the PNGs (lossless), so a resumed render gives exactly the bytes of an uninterrupted one;
-then the work folder is removed.
+the folder, checks that its settings are the same, and renders only the missing frames (a folder that
+holds frames of a render with other settings is never discarded silently: that is an error unless
+``--restart``; one that holds no frames never blocks a render; a frame that does not read back is
+rendered again). The video is assembled from the PNGs (lossless), so a resumed render gives exactly the
+bytes of an uninterrupted one; then the work folder is removed.
+
+Everything is checked before anything is written (dreampose.outputs): the output and the work folder
+must be new, empty or this command's own, and neither may be (or contain) an input.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,16 +29,19 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dreampose.images import ImageLike
+from dreampose.outputs import check_output_dir, check_output_file, claim_output_dir, read_marker
 from dreampose.pipeline import check_frames_per_batch, resolve_frames
 from dreampose.settings import SamplingSettings
 from dreampose.utils import DreamPoseError, PathLike, write_json
-from dreampose.video import frame_name, output_kind, read_png, write_frames, write_png
+from dreampose.video import check_fps, frame_name, output_kind, read_png, write_frames, write_png
 
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 SETTINGS = "settings.json"
+COMMAND = "animate"
+_FRAME = re.compile(r"^frame_\d+\.png$")
 
 
 @dataclass
@@ -62,6 +70,18 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes() + str(array.shape).encode()).hexdigest()[:16]
 
 
+def check_outputs(out: PathLike, inputs: Sequence[PathLike | None] = ()) -> None:
+    """Raise DreamPoseError unless ``animate`` may write ``out`` and its work folder: a video file that is
+    not an input (an existing one is replaced), or a PNG folder and a work folder that are new, empty or
+    ``animate``'s own, none of them an input or containing one."""
+    out = Path(out)
+    if output_kind(out) == "png":
+        check_output_dir(out, COMMAND, inputs)
+    else:
+        check_output_file(out, inputs)
+    check_output_dir(work_folder(out), COMMAND, inputs, legacy=_is_legacy_work_folder)
+
+
 def render_to_file(
     runtime: Runtime,
     out: PathLike,
@@ -74,20 +94,23 @@ def render_to_file(
     fps: float = 8.0,
     progress: bool = True,
     restart: bool = False,
+    inputs: Sequence[PathLike | None] = (),
 ) -> RenderReport:
     """Render ``frames`` (all by default) to ``out`` (.mp4, .gif or a PNG folder), resumably.
 
     poses: float32 (T, 2, H, W) U, V in [0, 1] (already loaded). settings: how to sample (resolved by
-    the caller). frames_per_batch: frames per UNet call (None: the runtime's choice, kept on resume). A
-    work folder left by an interrupted render with the same settings is resumed; one left by a render with
-    other settings is an error (its frames are not thrown away) unless ``restart`` is True. Returns a
-    RenderReport.
+    the caller). frames_per_batch: frames per UNet call (None: the runtime's choice, kept on resume).
+    inputs: the paths the render reads (image, poses, model, engines): the output may not be one.
+    A work folder left by an interrupted render with the same settings is resumed; one that holds frames
+    of a render with other settings is an error (its frames are not thrown away) unless ``restart`` is
+    True. Every setting and the outputs are checked before anything is written. Returns a RenderReport.
     """
     out = Path(out)
-    output_kind(out)  # reject an unsupported output before any work
+    check_fps(fps, out)  # also rejects an unsupported output
     frames = resolve_frames(frames, len(poses))
     if frames_per_batch is not None:
         check_frames_per_batch(frames_per_batch)
+    check_outputs(out, inputs)
     pixels = runtime.load_subject(image)
     work = work_folder(out)
     with _exclusive(out):
@@ -95,7 +118,8 @@ def render_to_file(
         fpb = frames_per_batch
         if fpb is None:  # auto batching depends on free memory: a resumed render keeps the first run's choice
             fpb = previous.get("frames_per_batch") if previous else None
-            fpb = fpb if isinstance(fpb, int) else runtime.auto_frames_per_batch()
+            fpb = fpb if isinstance(fpb, int) and not isinstance(fpb, bool) and fpb >= 1 else runtime.auto_frames_per_batch()
+        runtime.backend.check_frames_per_batch(fpb)
         identity: dict[str, Any] = {
             "model": runtime.fingerprint,
             "backend": runtime.backend.name,
@@ -107,22 +131,22 @@ def render_to_file(
             **settings.to_dict(),
             "frames_per_batch": fpb,  # batching changes the arithmetic: part of the identity
         }
-        done = _resume(work, previous, identity, restart)
+        done = _resume(work, previous, identity, restart, (runtime.config.height, runtime.config.width))
         if done:
             logger.info("resuming %s: %d of %d frames already rendered", work, len(done), len(frames))
-        work.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(work, COMMAND, inputs, legacy=_is_legacy_work_folder)
         write_json(work / SETTINGS, identity)
 
         start = time.perf_counter()
         rendered = 0
-        for i, frame in runtime.stream(poses, image, settings, frames=frames, frames_per_batch=fpb, progress=progress,
+        for i, frame in runtime.stream(poses, image, settings=settings, frames=frames, frames_per_batch=fpb, progress=progress,
                                        skip=sorted(done)):
             write_png(frame, work / frame_name(i))
             rendered += 1
         seconds = time.perf_counter() - start
 
         video = np.stack([read_png(work / frame_name(i)) for i in frames])
-        write_frames(video, out, fps=fps)
+        write_frames(video, out, fps=fps, command=COMMAND)
         shutil.rmtree(work)
     return RenderReport(out, len(frames), rendered, len(frames) - rendered, seconds, runtime.backend.describe())
 
@@ -144,6 +168,13 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _is_legacy_work_folder(work: Path) -> bool:
+    """A work folder written before output markers: settings.json and frame PNGs, nothing else."""
+    names = [p.name for p in work.iterdir()]
+    return SETTINGS in names and all(n == SETTINGS or _FRAME.match(n) or n.endswith(".tmp") or ".tmp-" in n
+                                     for n in names)
+
+
 def _read_settings(work: Path) -> dict | None:
     try:
         previous = json.loads((work / SETTINGS).read_text())
@@ -152,23 +183,50 @@ def _read_settings(work: Path) -> dict | None:
     return previous if isinstance(previous, dict) else None
 
 
-def _resume(work: Path, previous: dict | None, identity: dict, restart: bool) -> set[int]:
-    """Frame indices already in ``work`` for a render with this identity.
+def _frame_files(work: Path) -> list[Path]:
+    return sorted(p for p in work.iterdir() if _FRAME.match(p.name)) if work.is_dir() else []
 
-    A folder of another render (other settings, model, image or poses) is an error naming what differs,
-    unless ``restart``: then it is removed.
+
+def _readable(path: Path, size: tuple[int, int]) -> bool:
+    try:
+        return read_png(path).shape == (*size, 3)
+    except (OSError, ValueError, SyntaxError):  # what Pillow raises for a truncated or corrupt PNG
+        return False
+
+
+def _resume(work: Path, previous: dict | None, identity: dict, restart: bool, size: tuple[int, int]) -> set[int]:
+    """Frame indices already in ``work`` for a render with this identity (frames of ``size`` = (H, W)).
+
+    A folder that holds frames of another render (other settings, model, image or poses) is an error naming
+    what differs, unless ``restart``: then it is removed (it is this command's own, checked before). A
+    folder with no frames never blocks a render; a frame that does not read back is rendered again.
     """
     if not work.exists():
         return set()
-    current = json.loads(json.dumps(identity))
-    if previous != current:
-        if not restart:
-            differ = sorted(k for k in set(current) | set(previous or {}) if (previous or {}).get(k) != current.get(k))
-            raise DreamPoseError(
-                f"{work} holds frames of another render ({', '.join(differ) or 'unreadable settings'} differ); "
-                "run the same command as before to resume it, or pass --restart to discard it"
-            )
-        logger.warning("%s holds frames of another render; --restart: discarding it", work)
-        shutil.rmtree(work)
+    if restart:
+        if read_marker(work) is not None or _is_legacy_work_folder(work):
+            logger.warning("%s: --restart: discarding the frames of the earlier render", work)
+            shutil.rmtree(work)
         return set()
-    return {i for i in identity["frames"] if (work / frame_name(i)).is_file()}
+    current = json.loads(json.dumps(identity))
+    if isinstance(previous, dict) and previous.get("extra") == {}:  # written by 0.1's render settings (never set)
+        previous = {k: v for k, v in previous.items() if k != "extra"}
+    if previous != current:
+        if not _frame_files(work):
+            return set()  # nothing to keep: the settings are written anew
+        differ = sorted(k for k in set(current) | set(previous or {}) if (previous or {}).get(k) != current.get(k))
+        raise DreamPoseError(
+            f"{work} holds frames of another render ({', '.join(differ) or 'unreadable settings'} differ); "
+            "run the same command as before to resume it, or pass --restart to discard it"
+        )
+    done = set()
+    for i in identity["frames"]:
+        path = work / frame_name(i)
+        if not path.is_file():
+            continue
+        if _readable(path, size):
+            done.add(i)
+        else:
+            logger.warning("%s does not read back as a %d x %d frame: rendering it again", path, *size)
+            path.unlink()
+    return done

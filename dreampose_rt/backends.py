@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dreampose.model import DreamPoseModel
+from dreampose.settings import precision_of
 from dreampose.utils import DreamPoseError, PathLike
 
 from .availability import Availability
@@ -42,6 +43,8 @@ class Backend(abc.ABC):
     precisions: tuple[str, ...] = ("fp32", "fp16", "bf16")
     #: whether the Runtime may capture its calls in a CUDA graph
     graph_capturable: bool = False
+    #: the options (keyword arguments of ``Runtime.from_pretrained``) the backend takes
+    options: frozenset[str] = frozenset()
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         self.model = model
@@ -64,8 +67,11 @@ class Backend(abc.ABC):
 
     @property
     def max_frames(self) -> int | None:
-        """The most frames one call can take (engines are built for a number), None: no limit."""
+        """The frames per call the backend was built for (engines), None: any."""
         return None
+
+    def check_frames_per_batch(self, frames_per_batch: int) -> None:
+        """Raise DreamPoseError if one call cannot take ``frames_per_batch`` frames (a TensorRT profile's end)."""
 
     @abc.abstractmethod
     def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -86,7 +92,7 @@ class TorchBackend(Backend):
 
     Option ``channels_last`` (default False): keep the UNet's weights and run its input in channels_last
     (NHWC) memory format, the layout cuDNN's tensor-core convolutions work in (no transposes around each
-    convolution). Same function; bench_unet and ``dreampose-rt bench --channels-last`` measure whether it
+    convolution). Same function; bench_unet and ``python -m benchmarks --channels-last`` measure whether it
     pays on a given GPU (on an H100: 4.5% faster at one frame, 12% slower at 8; docs/performance.md).
     The model's UNet weights are converted in place: a model shared with other code is changed for it too.
     """
@@ -94,6 +100,7 @@ class TorchBackend(Backend):
     name = "torch"
     #: its calls can be captured in a CUDA graph (no host synchronisation, no CPU-side state)
     graph_capturable = True
+    options = frozenset({"channels_last"})
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         super().__init__(model, device, dtype, **options)
@@ -127,6 +134,7 @@ class CompiledBackend(TorchBackend):
     for SD 1.5 on a GPU); later calls replay."""
 
     name = "compiled"
+    options = frozenset({"channels_last", "compile_mode"})
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         super().__init__(model, device, dtype, **options)
@@ -180,6 +188,7 @@ class EngineBackend(Backend):
 
     engine_backend = ""
     graph_capturable = False  # ONNX Runtime synchronises; TensorRT replays its own graphs
+    options = frozenset({"check_weights"})
 
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         super().__init__(model, device, dtype)
@@ -191,8 +200,7 @@ class EngineBackend(Backend):
 
         self.engine_dir = Path(engines)
         self.manifest = EngineManifest.load(self.engine_dir)
-        precision = {torch.float32: "fp32", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
-        self.manifest.check(self.engine_dir, model, self.engine_backend, precision)
+        self.manifest.check(self.engine_dir, model, self.engine_backend, precision_of(dtype))
         self.precision = self.manifest.precision
         # engines must hold this model's weights (else: refit or rebuild)
         hashes = self.manifest.expected_weights(model) if options.get("check_weights", True) else None
@@ -202,6 +210,25 @@ class EngineBackend(Backend):
     @property
     def max_frames(self) -> int:
         return self.manifest.max_frames
+
+    def check_frames_per_batch(self, frames_per_batch: int) -> None:
+        self.manifest.check_frames(self.engine_dir, frames_per_batch)
+
+    @classmethod
+    def folder_availability(cls, engines: PathLike | None) -> Availability:
+        """Whether ``engines`` (when it is an engine folder) holds engines for this backend."""
+        from .export.manifest import EngineManifest
+
+        if engines is None:
+            return Availability(False, f"needs an engine folder from `dreampose-rt build-engine --backend {cls.name}`")
+        if EngineManifest.exists(engines):
+            try:
+                built = EngineManifest.load(engines).backend
+            except DreamPoseError as e:
+                return Availability(False, str(e))
+            if built != cls.engine_backend:
+                return Availability(False, f"the engine folder {engines} holds {built} engines")
+        return Availability(True)
 
     def _load_options(self, options: dict) -> dict:
         return {}
@@ -247,9 +274,7 @@ class OnnxRuntimeBackend(EngineBackend):
 
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 return Availability(False, "onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
-        if engines is None:
-            return Availability(False, "needs an engine folder from `dreampose-rt build-engine --backend onnxruntime`")
-        return Availability(True)
+        return cls.folder_availability(engines)
 
     def _load_options(self, options: dict) -> dict:
         providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else ["CPUExecutionProvider"]
@@ -262,6 +287,7 @@ class TensorRTBackend(EngineBackend):
     name = engine_backend = "tensorrt"
     devices = ("cuda",)
     precisions = ("fp16", "fp32")
+    options = frozenset({"check_weights", "cuda_graph"})
 
     @classmethod
     def availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
@@ -270,9 +296,7 @@ class TensorRTBackend(EngineBackend):
             return base
         if importlib.util.find_spec("tensorrt") is None:
             return Availability(False, "TensorRT's Python package is not installed (`import tensorrt` fails)")
-        if engines is None:
-            return Availability(False, "needs an engine folder from `dreampose-rt build-engine --backend tensorrt`")
-        return Availability(True)
+        return cls.folder_availability(engines)
 
     def _load_options(self, options: dict) -> dict:
         return {"cuda_graph": bool(options.get("cuda_graph", True))}

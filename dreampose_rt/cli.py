@@ -14,7 +14,9 @@ print one line and exit with code 2; exit 1 is an internal error; ``--debug`` sh
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +30,10 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: OSErrors that are the user's input or machine (a missing or read-only file, a full disk), not our bugs
+MACHINE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                            errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENAMETOOLONG, errno.EXDEV, errno.ELOOP,
+                            errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.EIO})
 #: what --fast means: DPM-Solver++ in 15 steps (within 2% of 100 PNDM steps on SSIM and foreground IoU on
 #: the demo model; docs/quality.md)
 FAST = {"scheduler": "dpmpp", "steps": 15}
@@ -54,26 +60,40 @@ def parse_frames(spec: str, n_frames: int) -> list[int]:
 # animate
 # --------------------------------------------------------------------------------------------------
 def cmd_animate(args: argparse.Namespace) -> int:
+    from dreampose.pipeline import check_frames_per_batch
     from dreampose.poses import load_poses
     from dreampose.settings import SamplingSettings
-    from dreampose.video import output_kind
+    from dreampose.video import check_fps
 
-    from .animate import render_to_file
-    from .demo import demo_poses
-    from .runtime import Runtime
+    from .animate import check_outputs, render_to_file
+    from .demo import DEMO_MODEL_DIR, demo_poses
+    from .runtime import Runtime, resolve_device
 
+    # every setting first: nothing is loaded or written before they all pass
     if (args.image is None) != (args.poses is None):
         raise DreamPoseError("--image and --poses go together (give both, or neither for the demo)")
-    output_kind(args.out)  # reject an unsupported output before any work
-    if args.image is not None and not Path(args.image).is_file():
-        raise DreamPoseError(f"{args.image}: image not found")
+    check_fps(args.fps, args.out)  # also rejects an unsupported output type
+    if args.image is not None:
+        image = Path(args.image)
+        if image.is_dir():
+            raise DreamPoseError(f"{image}: is a folder; --image takes one image file (PNG or JPEG)")
+        if not image.is_file():
+            raise DreamPoseError(f"{image}: image not found")
     sampling = {
         "scheduler": args.scheduler or (FAST["scheduler"] if args.fast else None),
         "steps": args.steps if args.steps is not None else (FAST["steps"] if args.fast else None),
         "s_image": args.s_image, "s_pose": args.s_pose, "seed": args.seed, "noise": args.noise,
     }
-    SamplingSettings.for_model(None, **sampling)  # every value checked before the model is loaded
+    SamplingSettings.for_model(None, **sampling)  # the values checked; the model's defaults come later
+    if args.frames_per_batch is not None:
+        check_frames_per_batch(args.frames_per_batch)
+    resolve_device(args.device)
+    inputs = [args.image, args.poses, args.model or DEMO_MODEL_DIR, args.engines]
+    check_outputs(args.out, inputs)
     poses = load_poses(args.poses) if args.poses is not None else None
+    if poses is not None and args.frames:
+        parse_frames(args.frames, len(poses))
+
     if args.model is None:
         logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)")
     rt = Runtime.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
@@ -86,12 +106,14 @@ def cmd_animate(args: argparse.Namespace) -> int:
     settings = SamplingSettings.for_model(c, **sampling)
     report = render_to_file(rt, args.out, poses, args.image, settings, frames=frames,
                             frames_per_batch=args.frames_per_batch, fps=args.fps, progress=not args.quiet,
-                            restart=args.restart)
-    logger.info(
-        "wrote %s: %d frames of %d x %d; %d rendered in %.1f s (%.2f s per frame), %d resumed; backend %s",
-        report.out, report.frames, c.width, c.height, report.rendered, report.seconds, report.seconds_per_frame,
-        report.resumed, report.backend,
-    )
+                            restart=args.restart, inputs=inputs)
+    if report.rendered:
+        logger.info("wrote %s: %d frames of %d x %d (H x W); %d rendered in %.1f s (%.2f s per frame), %d resumed; "
+                    "backend %s", report.out, report.frames, c.height, c.width, report.rendered, report.seconds,
+                    report.seconds_per_frame, report.resumed, report.backend)
+    else:
+        logger.info("wrote %s: %d frames of %d x %d (H x W), all from the earlier run's work folder; backend %s",
+                    report.out, report.frames, c.height, c.width, report.backend)
     return EXIT_OK
 
 
@@ -133,19 +155,25 @@ def _add_animate(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dreampose.evaluation import evaluate, load_feature_extractor, strip_image, write_report
     from dreampose.model import DreamPoseModel
+    from dreampose.outputs import check_output_dir
     from dreampose.settings import SamplingSettings
 
-    from .demo import demo_model
+    from .demo import DEMO_MODEL_DIR, demo_model
+    from .runtime import resolve_device
 
-    protocol = EvalProtocol(data=args.data, seed=args.seed, videos=args.videos, n_frames=args.frames,
+    protocol = EvalProtocol(data=args.data, seed=args.test_seed, videos=args.videos, n_frames=args.frames,
                             stride=args.stride, max_targets=args.max_targets, fvd_clip=args.fvd_clip)
     given = {"scheduler": args.scheduler, "steps": args.steps, "s_image": args.s_image, "s_pose": args.s_pose}
     SamplingSettings.for_model(None, **given)  # checked before the model is loaded
+    device = resolve_device(args.device)
+    inputs = [args.model or DEMO_MODEL_DIR, None if args.data == "synth" else args.data, args.lpips, args.fid_model,
+              args.fvd_model]
+    check_output_dir(args.out, "evaluate", inputs)
     if args.model is None:
         model, name = demo_model(), "demo"
     else:
         model, name = DreamPoseModel.from_pretrained(args.model), str(args.model)
-    model = model.to(args.device).eval()
+    model = model.to(device).eval()
     sampling = SamplingSettings.for_model(model.config, **given)
     lpips = None
     if args.lpips:
@@ -157,7 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(model, protocol, sampling=sampling, model_name=name, lpips=lpips, keep_outputs=True,
                       progress=not args.quiet, fid_model=fid_model, fvd_model=fvd_model)
     strip = strip_image(report, protocol, model.config.height, model.config.width)
-    out = write_report(report, args.out, strip)
+    out = write_report(report, args.out, strip, inputs=inputs)
     sys.stdout.write(report.markdown())
     o = report.overall()
     logger.info("wrote %s: IoU %.3f (repeat-subject %.3f, ceiling %.3f)", out, o["model"]["iou"], o["repeat"]["iou"],
@@ -180,12 +208,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--videos", type=int, default=d.videos, help=f"test videos (default: {d.videos})")
     p.add_argument("--frames", type=int, default=d.n_frames,
                    help=f"frames per video (SynthFashion; UBC: at most) (default: {d.n_frames})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"SynthFashion seed of the test set (default: {d.seed})")
+    p.add_argument("--test-seed", type=int, default=d.seed,
+                   help=f"SynthFashion seed of the test set (default: {d.seed}, held out from training)")
     p.add_argument("--stride", type=int, default=d.stride, help=f"every STRIDE-th frame is a target (default: {d.stride})")
     p.add_argument("--max-targets", type=int, default=d.max_targets,
                    help=f"at most this many targets per video (default: {d.max_targets})")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="pndm", help="default: pndm (the paper's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 100)")
+    p.add_argument("--steps", type=int, default=100, help="denoising steps (default: 100, the protocol's)")
     p.add_argument("--s-image", type=float, default=None, help="image guidance scale (default: the model's)")
     p.add_argument("--s-pose", type=float, default=None, help="pose guidance scale (default: the model's)")
     p.add_argument("--lpips", default=None, help="a local exported LPIPS module (.pt2 or TorchScript)")
@@ -204,11 +233,16 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 # import-release
 # --------------------------------------------------------------------------------------------------
 def cmd_import_release(args: argparse.Namespace) -> int:
-    from dreampose.convert import import_release
+    from dreampose.convert import import_release, load_state_dict_file
     from dreampose.model import DreamPoseModel
+    from dreampose.outputs import check_output_dir
 
+    check_output_dir(args.out, "import-release", [args.unet, args.adapter, args.vae, args.sd, args.clip])
+    # the checkpoints first: a bad file fails before minutes of loading Stable Diffusion
+    unet, adapter = (load_state_dict_file(args.unet), args.unet), (load_state_dict_file(args.adapter), args.adapter)
+    vae = (load_state_dict_file(args.vae), args.vae) if args.vae else None
     base = DreamPoseModel.from_stable_diffusion(args.sd, args.clip, height=args.height, width=args.width)
-    import_release(base, args.unet, args.adapter, args.out, vae=args.vae)
+    import_release(base, unet, adapter, args.out, vae=vae)
     logger.info("wrote model folder %s", args.out)
     return EXIT_OK
 
@@ -286,6 +320,20 @@ def setup_logging(debug: bool, quiet: bool) -> None:
     root.setLevel(logging.WARNING)
     for name in ("dreampose", "dreampose_rt", "benchmarks"):
         logging.getLogger(name).setLevel(level)
+    if quiet:  # the libraries' own bars and notices too (read when they are imported, which comes later)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        if "transformers" in sys.modules:
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        if "diffusers" in sys.modules:
+            import diffusers
+
+            diffusers.utils.logging.set_verbosity_error()
+            diffusers.utils.logging.disable_progress_bar()
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str = "dreampose-rt") -> int:
@@ -306,10 +354,14 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, pro
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (DreamPoseError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (DreamPoseError, OSError) as e:
         if debug:
             raise
-        msg = str(e) if isinstance(e, DreamPoseError) else f"{e.strerror or e}: {e.filename}"
+        if isinstance(e, OSError) and e.errno not in MACHINE_ERRNOS:
+            print(f"{prog}: internal error: {type(e).__name__}: {_one_line(str(e))} (run with --debug for the "
+                  "traceback)", file=sys.stderr)
+            return EXIT_INTERNAL
+        msg = str(e) if isinstance(e, DreamPoseError) else _os_message(e)
         print(f"{e.prog if isinstance(e, UsageError) else prog}: error: {_one_line(msg)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # a bug, not bad input: still one line, with the way to see more
@@ -318,6 +370,13 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, pro
         print(f"{prog}: internal error: {type(e).__name__}: {_one_line(str(e))} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _os_message(e: OSError) -> str:
+    """An OSError as the user needs it: what failed, on which file (e.g. "No space left on device: out.mp4")."""
+    where = e.filename if e.filename is not None else ""
+    where += f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+    return f"{e.strerror or e}: {where}" if where else str(e.strerror or e)
 
 
 def _one_line(message: str) -> str:

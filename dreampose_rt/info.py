@@ -127,7 +127,22 @@ def format_report(sections: list[Section]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.stdout.write(format_report(collect()))
+    """``python -m dreampose_rt.info``: print the report (or, with --json, the same as JSON)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dreampose_rt.info",
+        description="What this installation can run: versions, the native extension, the scheduler, the Triton "
+                    "kernels, each runtime backend (available or why not, and what --backend auto picks), export.",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="the report as JSON (section -> {name: value})")
+    args = parser.parse_args(argv)
+    sections = collect()
+    if args.json:
+        sys.stdout.write(json.dumps({title: dict(rows) for title, rows in sections}, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_report(sections))
     return 0
 
 

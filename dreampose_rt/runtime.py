@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -28,15 +29,9 @@ import torch
 from dreampose.guidance import NUM_BRANCHES, branch_batch
 from dreampose.images import ImageLike, load_image, to_uint8
 from dreampose.model import DreamPoseModel
-from dreampose.pipeline import (
-    SubjectConditioning,
-    batch_noise,
-    check_frames_per_batch,
-    resolve_frames,
-    sampling_settings,
-)
+from dreampose.pipeline import SubjectConditioning, batch_noise, check_frames_per_batch, resolve_frames
 from dreampose.poses import load_poses, pose_window, prepare_poses
-from dreampose.settings import PRECISIONS, SamplingSettings, check_choice, torch_dtype
+from dreampose.settings import PRECISIONS, SamplingSettings, check_choice, sampling_settings, torch_dtype
 from dreampose.timing import PhaseTimer, timed
 from dreampose.utils import DreamPoseError, PathLike
 
@@ -52,12 +47,25 @@ _CACHE_SIZE = 8
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' / None -> cuda if available else cpu; a CUDA device on a machine without one is an error."""
+    """'auto' / None -> cuda if available else cpu; 'cpu', 'cuda', 'cuda:N' or a torch.device otherwise.
+
+    A device this project does not run on (mps, xpu, ...), a name torch does not know, or a CUDA device
+    this machine does not have is a DreamPoseError naming it."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DreamPoseError(f"device {device}: no CUDA device is available on this machine")
+    if not isinstance(device, (str, torch.device)):
+        raise DreamPoseError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DreamPoseError(f"device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DreamPoseError(f"device {device!r}: dreampose-rt runs on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DreamPoseError(f"device {device}: no CUDA device is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DreamPoseError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -123,6 +131,11 @@ class Runtime:
             data_plane: after each UNet call: 'auto', 'triton' (fused Triton kernel) or 'scheduler'.
             **backend_options: passed to the backend (e.g. compile_mode, cuda_graph, check_weights, channels_last).
         """
+        for name, value in (("model_dir", model_dir), ("engines", engines)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise DreamPoseError(f"{name} must be a folder path (or None), got {type(value).__name__} {value!r}")
+        if not isinstance(backend, str):
+            raise DreamPoseError(f"backend must be a name (auto, torch, compiled, onnxruntime, tensorrt), got {backend!r}")
         dev = resolve_device(device)
         if precision is None:
             precision = _engine_precision(engines) or ("fp16" if dev.type == "cuda" else "fp32")
@@ -130,6 +143,11 @@ class Runtime:
         if dev.type == "cpu" and precision == "fp16":
             raise DreamPoseError("fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         backend_cls = select_backend(backend, dev, precision, engines)
+        unknown = sorted(set(backend_options) - backend_cls.options)
+        if unknown:
+            takes = ", ".join(sorted(backend_cls.options)) or "none"
+            raise DreamPoseError(f"unknown option(s) {', '.join(unknown)} for the {backend_cls.name} backend "
+                                 f"(it takes: {takes})")
         dtype = torch_dtype(precision)
         if model_dir is None:
             from .demo import DEMO_MODEL_DIR, demo_model
@@ -254,7 +272,7 @@ class Runtime:
         _, p, ehs = branch_batch(latents, window, subject.cond, subject.null)
         p, ehs = p.to(self.dtype), ehs.to(self.dtype)
         if self.data_plane() == "triton":
-            from .sampler import FusedSampler
+            from .fused_sampler import FusedSampler
 
             sampler = FusedSampler.from_scheduler(sched, latents, s_image, s_pose)
             if self._use_cuda_graph():
@@ -328,9 +346,7 @@ class Runtime:
         pose_arr = load_poses(poses)
         frames = resolve_frames(frames, len(pose_arr))
         fpb = self.auto_frames_per_batch() if frames_per_batch is None else check_frames_per_batch(frames_per_batch)
-        if self.backend.max_frames is not None and fpb > self.backend.max_frames:
-            raise DreamPoseError(f"frames_per_batch {fpb} is more than the {self.backend.name} engines take "
-                                 f"({self.backend.max_frames}); lower it, or rebuild them with --max-frames {fpb}")
+        self.backend.check_frames_per_batch(fpb)
 
         subject = self.encode(image)
         pose_seq = prepare_poses(pose_arr, (c.height, c.width), self.model.latent_size, self.device)
@@ -344,12 +360,24 @@ class Runtime:
             dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0,
             bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} frames [{elapsed}<{remaining}, {rate_fmt}]",
         )
+        finished, steps = 0, 0  # frames of the batches done; steps of the batch in progress
+
+        def on_step(n: int) -> None:
+            # the bar's position from integers (not a sum of fractions): it ends exactly at its total, which
+            # tqdm would otherwise overshoot (a "clamping frac" warning and a negative ETA)
+            nonlocal steps
+            steps += 1
+            bar.n = min(finished + n * min(steps, n_calls) / n_calls, bar.total)
+            bar.update(0)
+
         try:
             for batch in todo:
                 start = batch_noise(settings.seed, batch, settings.noise, shape)
                 window = pose_window(pose_seq, batch, c.n_poses)
+                steps = 0
                 latents = self._denoise(subject, window, start.to(self.device), settings,
-                                        on_step=lambda n=len(batch): bar.update(n / n_calls))
+                                        on_step=lambda n=len(batch): on_step(n))
+                finished += len(batch)
                 with nvtx_range("decode"), timed(self.timer, "decode"):
                     images = to_uint8(self.backend.decode(latents))
                 for i, frame in zip(batch, images):
@@ -383,7 +411,7 @@ class Runtime:
             progress: show a progress bar (frames per second and ETA).
         """
         pose_arr = load_poses(poses)  # read once: the stream and the frame order both use it
-        out = dict(self.stream(pose_arr, image, settings, frames=frames, frames_per_batch=frames_per_batch,
+        out = dict(self.stream(pose_arr, image, settings=settings, frames=frames, frames_per_batch=frames_per_batch,
                                progress=progress, **sampling))
         order = list(range(len(pose_arr))) if frames is None else [int(i) for i in frames]
         return np.stack([out[i] for i in order])

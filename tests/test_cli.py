@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dreampose.outputs import MARKER
 from dreampose_rt.cli import main, parse_frames
 
 
@@ -32,7 +33,7 @@ def test_animate_with_a_model_folder_to_gif_and_pngs(tmp_path, inputs, tiny_mode
     with Image.open(tmp_path / "o.gif") as im:
         assert im.n_frames == 3 and im.size == (48, 64)
     assert main(args + ["--out", str(tmp_path / "pngs"), "--frames", "1:3"]) == 0
-    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["frame_00000.png", "frame_00001.png"]
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == [MARKER, "frame_00000.png", "frame_00001.png"]
 
 
 def test_animate_demo_writes_a_video(tmp_path):

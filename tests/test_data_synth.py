@@ -64,5 +64,5 @@ def test_written_layout_loads_through_the_folder_loader(tmp_path):
 
 
 def test_bad_sizes_are_refused():
-    with pytest.raises(DreamPoseError, match="at least one video"):
+    with pytest.raises(DreamPoseError, match="videos must be >= 1"):
         SynthFashionConfig(n_videos=0)

@@ -9,6 +9,7 @@ from torch import nn
 
 from dreampose.evaluation import (evaluate, load_feature_extractor, median_background, set_metrics, strip_image,
                                   video_clips, write_report)
+from dreampose.outputs import MARKER
 from dreampose.settings import EvalProtocol, SamplingSettings
 from dreampose.utils import DreamPoseError
 
@@ -76,7 +77,7 @@ def test_evaluate_cli(tiny_model, tmp_path, capsys):
                "--frames", "6", "--max-targets", "2", "--scheduler", "dpmpp", "--steps", "2", "--quiet"])
     assert rc == 0
     assert "**overall**" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "e").iterdir()} == {"metrics.json", "metrics.md", "strip.png"}
+    assert {p.name for p in (tmp_path / "e").iterdir()} == {MARKER, "metrics.json", "metrics.md", "strip.png"}
 
 
 # --------------------------------------------------------------------------------------------------

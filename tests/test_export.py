@@ -281,7 +281,7 @@ def test_load_engines_checks_weights(built_engines, export_model):
         load_engines(out, weights_hashes={"unet": "0" * 32})
 
 
-def test_the_manifest_owns_the_checks(built_engines, export_model, tmp_path):
+def test_the_manifest_owns_the_checks(built_engines, export_model, tmp_path, monkeypatch):
     """EngineManifest: load, the checks against a model and a backend, the weights it expects."""
     import dataclasses
     import shutil
@@ -299,9 +299,17 @@ def test_the_manifest_owns_the_checks(built_engines, export_model, tmp_path):
     partial = dataclasses.replace(manifest, networks={"unet": manifest.networks["unet"]})
     with pytest.raises(DreamPoseError, match="cond_encoder, vae_decoder are missing"):
         partial.check(out, export_model, "onnxruntime")
-    manifest.check_frames(out, 3)
+    manifest.check_frames(out, 9)  # ONNX graphs: a dynamic batch axis
+    trt = dataclasses.replace(manifest, backend="tensorrt", versions={**manifest.versions, "tensorrt": "0.0.1"})
+    trt.check_frames(out, 3)
     with pytest.raises(DreamPoseError, match="frames_per_batch 4 is more than the engines .* take \\(3\\)"):
-        manifest.check_frames(out, 4)
+        trt.check_frames(out, 4)  # a TensorRT profile ends at max_frames
+    from dreampose_rt.export import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "_backend_version", lambda backend: "10.9.0")
+    with pytest.raises(DreamPoseError, match="built with TensorRT 0.0.1, this is TensorRT 10.9.0"):
+        trt.check(out, export_model, "tensorrt")
+    monkeypatch.undo()
     expected = manifest.expected_weights(export_model)
     assert expected["unet"] == state_dict_hash(make_wrapper("unet", export_model).state_dict())
     assert expected == {n: json.loads((out / r.metadata).read_text())["weights_hash"] for n, r in manifest.networks.items()}
@@ -319,6 +327,13 @@ def test_the_manifest_owns_the_checks(built_engines, export_model, tmp_path):
     EngineManifest.path(copy).write_text(json.dumps({k: v for k, v in data.items() if k != "shape_spec"}))
     with pytest.raises(DreamPoseError, match="not a manifest this dreampose-rt can read"):
         EngineManifest.load(copy)
+    # a backend asked for by auto or by name is unavailable for a folder of another backend's engines
+    from dreampose_rt.backends import OnnxRuntimeBackend
+
+    assert OnnxRuntimeBackend.folder_availability(out)
+    EngineManifest.path(copy).write_text(json.dumps({**data, "backend": "tensorrt"}))
+    avail = OnnxRuntimeBackend.folder_availability(copy)
+    assert not avail and "holds tensorrt engines" in avail.reason
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from dreampose.images import load_image, to_uint8
+from dreampose.outputs import MARKER, read_marker
 from dreampose.utils import DreamPoseError
 from dreampose.video import read_png, write_frames
 
@@ -49,7 +50,8 @@ def frames(rng):
 
 def test_png_folder_is_exact(tmp_path, frames):
     out = write_frames(frames, tmp_path / "pngs")
-    files = sorted(out.iterdir())
+    assert read_marker(out)["command"] == "write_frames"
+    files = sorted(f for f in out.iterdir() if f.name != MARKER)
     assert [f.name for f in files] == [f"frame_{i:05d}.png" for i in range(5)]
     assert all(np.array_equal(read_png(f), fr) for f, fr in zip(files, frames))
 

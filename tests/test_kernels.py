@@ -21,7 +21,7 @@ import torch
 
 from dreampose.guidance import combine_guidance
 from dreampose_rt.kernels import guided_step, guided_step_ref, kernel_availability
-from dreampose_rt.sampler import FusedSampler
+from dreampose_rt.fused_sampler import FusedSampler
 from dreampose_rt.kernels import fused_step
 from dreampose_rt.scheduler import StepState, TableInfo, create_scheduler
 from dreampose_rt.scheduler.table import (
@@ -47,7 +47,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 # name -> (scheduler, options, inference steps): every buffer combination of the table
-SCHEDULERS = {
+CASES = {
     "pndm-prk": ("pndm", {}, 4),  # Runge-Kutta warm-up: 3 history slots, saved sample, accumulator
     "pndm-plms": ("pndm", dict(SD, steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True), 6),
     "ddim": ("ddim", SD, 4),  # no state at all
@@ -69,7 +69,7 @@ def check_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what:
 
 
 def plan(case: str, device: str) -> torch.Tensor:
-    name, opts, n = SCHEDULERS[case]
+    name, opts, n = CASES[case]
     s = create_scheduler(name, opts)
     s.set_timesteps(n)
     return s.coefficient_table().to(device)
@@ -138,7 +138,7 @@ def random_inputs(shape, steps, dtype, device, seed=0):
 @pytest.mark.parametrize("hw", [(5, 3), (7, 9)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
 @pytest.mark.parametrize("frames", [1, 3, 7])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("case", list(SCHEDULERS))
+@pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_reference(case, dtype, frames, hw, device):
     table = plan(case, device)
     info = TableInfo.of(table)

@@ -31,7 +31,7 @@ from dreampose_rt.scheduler import python_core, schedulers as sched_mod
 from dreampose_rt.scheduler.table import WRITE_SLOT, TableInfo
 
 HAVE_CPP = native_core() is not None
-IMPLEMENTATIONS = ["cpp", "python"]
+BUILT = ["cpp", "python"]  # the implementations "auto" resolves to
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SD_PNDM = dict(SD, steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True)
 DIFFUSERS = {
@@ -133,7 +133,7 @@ def test_timesteps_identical_to_diffusers_for_1_to_1000_steps(name, spacing, off
             assert got_cpp == want, n
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 @pytest.mark.parametrize("name", ["pndm", "ddim", "dpmpp"])
 def test_set_timesteps_gives_diffusers_timesteps(implementation, name):
     need(implementation)
@@ -148,7 +148,7 @@ def test_set_timesteps_gives_diffusers_timesteps(implementation, name):
         assert s.coefficient_table().shape == (len(d.timesteps), NUM_COLUMNS)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_alphas_cumprod_bit_identical(implementation, schedule):
     need(implementation)
@@ -178,7 +178,7 @@ RUN_CASES = {
 }
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 @pytest.mark.parametrize("case", list(RUN_CASES))
 def test_full_run_matches_diffusers(implementation, case):
     need(implementation)
@@ -212,7 +212,7 @@ def test_cpp_and_python_agree(case):
 # ------------------------------------------------------------------------------------------------
 # The coefficient table
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 @pytest.mark.parametrize("case", ["pndm-plms-100", "pndm-prk-100", "ddim-50", "dpmpp-25", "dpmpp-10-lower-order-final"])
 def test_table_driven_step_reproduces_the_loop(implementation, case):
     """Only the table row and the buffers: no scheduler object in the loop. The state buffers start
@@ -268,7 +268,7 @@ def test_table_marks_pndm_buffers():
 # ------------------------------------------------------------------------------------------------
 # Guidance + step fused
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 @pytest.mark.parametrize("name,frames,per_frame", [("pndm", 1, False), ("pndm", 3, True), ("dpmpp", 2, False), ("ddim", 3, True)])
 def test_fused_guidance_equals_combine_then_step(implementation, name, frames, per_frame):
     need(implementation)
@@ -300,7 +300,7 @@ def test_guidance_combine_ref_is_the_projects_formula():
 # ------------------------------------------------------------------------------------------------
 # fp16
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 @pytest.mark.parametrize("name", ["pndm", "ddim", "dpmpp"])
 def test_fp16_inputs(implementation, name):
     """fp16 in, fp16 out, fp32 arithmetic: a run on fp16 tensors stays within fp16 rounding of fp32."""
@@ -422,7 +422,7 @@ def test_errors_name_the_value(call, match):
         call()
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 def test_step_errors(implementation):
     need(implementation)
     s = create_scheduler("pndm", SD_PNDM, implementation=implementation)
@@ -552,7 +552,7 @@ def test_one_entry_per_op_and_the_test_hooks_live_in_their_own_module():
     assert [n for n in dir(C.SchedulerBoundStep) if not n.startswith("_")] == ["set_plan", "step"]
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 @pytest.mark.parametrize("shape", [(), (0, 4, 8, 8)])
 def test_0d_and_empty_samples_take_the_pytorch_table_step(implementation, shape):
     """A 0-d or empty sample (nothing for the C++ data plane) is stepped by table_step_ref with the run's
@@ -678,7 +678,7 @@ def test_step_guided_in_place_takes_the_fast_path_and_equals_a_new_tensor(monkey
     assert len(checks) == 1  # only the run's first step is checked in full
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", BUILT)
 def test_runs_after_runs_reuse_the_state_and_equal_fresh_runs(implementation):
     """set_timesteps keeps the previous run's buffers for a run of the same shape (they are never read
     before written): consecutive runs, of other lengths and shapes, equal runs of fresh schedulers."""

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from dreampose.data.synth import synth_video
 from dreampose.model import DreamPoseModel
+from dreampose.outputs import MARKER
 from dreampose.pipeline import DreamPosePipeline
 from dreampose.training import FinetuneConfig, finetune
 from dreampose.training.augment import random_affine, transform_together
@@ -101,6 +102,7 @@ def test_resume_equals_uninterrupted(finetuned, subject):
     resumed_cfg = replace(cfg, output_dir=str(root / "ft_resumed"))
     rwork = Path(f"{resumed_cfg.output_dir}.work")
     shutil.copytree(work / "unet" / "step_0000003", rwork / "unet" / "step_0000003")
+    shutil.copy(work / MARKER, rwork / MARKER)  # as a crash of this run would leave its work folder
     r = finetune(resumed_cfg, resume=True)
     assert r.unet_losses == full.unet_losses[3:]
     assert r.decoder_losses == full.decoder_losses  # the decoder phase starts from identical weights

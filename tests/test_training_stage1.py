@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from dreampose.data.synth import SynthFashionConfig, write_synth_fashion
 from dreampose.guidance import branch_batch
+from dreampose.outputs import MARKER
 from dreampose.pipeline import DreamPosePipeline
 from dreampose.poses import pose_window, prepare_poses
 from dreampose.training import Stage1Config, train_stage1
@@ -55,6 +56,7 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
     src = Path(cfg.output_dir) / "checkpoints" / "step_0000004"
     shutil.copytree(src, out / "checkpoints" / src.name)
     shutil.copy(Path(cfg.output_dir) / "metrics.jsonl", out / "metrics.jsonl")  # as a crash would leave it
+    shutil.copy(Path(cfg.output_dir) / MARKER, out / MARKER)
     resumed = train_stage1(replace(cfg, output_dir=str(out)), resume="latest")
     assert resumed.start_step == 4 and full.start_step == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -77,6 +79,7 @@ def test_a_fresh_run_over_checkpoints_and_a_changed_batch_are_refused(full_run, 
     out = tmp_path / "r"
     src = Path(cfg.output_dir) / "checkpoints" / "step_0000004"
     shutil.copytree(src, out / "checkpoints" / src.name)
+    shutil.copy(Path(cfg.output_dir) / MARKER, out / MARKER)
     with pytest.raises(DreamPoseError, match="batch settings"):
         train_stage1(replace(cfg, output_dir=str(out), batch_size=8), resume="latest")
 

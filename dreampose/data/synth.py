@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import DreamPoseError, PathLike, atomic_dir, write_json
+from ..outputs import atomic_dir
+from ..settings import check_float, check_int
+from ..utils import DreamPoseError, PathLike, write_json
 from .dataset import VideoSource
 from .figure import Appearance, random_motion, render_sequence
 
@@ -40,6 +42,12 @@ class SynthFashionConfig:
     fps: float = 8.0
 
     def __post_init__(self) -> None:
+        check_int("seed", self.seed, 0)
+        check_int("videos", self.n_videos, 1)
+        check_int("frames", self.n_frames, 1)
+        check_int("height", self.height, 8)
+        check_int("width", self.width, 8)
+        check_float("fps", self.fps, 0.0, low_open=True)
         if self.n_videos < 1 or self.n_frames < 1:
             raise DreamPoseError(f"SynthFashion needs at least one video of one frame, got {self.n_videos} x {self.n_frames}")
         if self.height < 8 or self.width < 8:
@@ -118,7 +126,7 @@ def write_synth_fashion(root: PathLike, config: SynthFashionConfig, iuv: bool = 
     from ..poses import uv_to_iuv_image
 
     root = Path(root)
-    with atomic_dir(root) as tmp:
+    with atomic_dir(root, "synth-data") as tmp:
         for v in range(config.n_videos):
             vid = synth_video(config.seed, v, config.n_frames, config.height, config.width, config.fps)
             folder = tmp / video_name(v)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Type, TypeVar
 
+from ..settings import check_float, check_int
 from ..utils import DreamPoseError, PathLike, dataclass_from_dict, read_json, write_json
 
 T = TypeVar("T")
@@ -29,8 +30,13 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise DreamPoseError(f"learning rate must be > 0, got {self.lr}")
+        check_float("lr", self.lr, 0.0, low_open=True)
+        if len(self.betas) != 2 or not all(0.0 <= check_float("betas", b) < 1.0 for b in self.betas):
+            raise DreamPoseError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        check_float("weight_decay", self.weight_decay, 0.0)
+        check_float("eps", self.eps, 0.0, low_open=True)
+        check_float("grad_clip", self.grad_clip, 0.0)
+        check_int("warmup_steps", self.warmup_steps, 0)
         if self.schedule not in LR_SCHEDULES:
             raise DreamPoseError(f"lr schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps < 0:
@@ -52,8 +58,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise DreamPoseError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 0 or self.log_every < 1:
-            raise DreamPoseError("checkpoint_every and keep_checkpoints must be >= 0, log_every >= 1")
+        check_int("seed", self.seed, 0)
+        check_int("checkpoint_every", self.checkpoint_every, 0)
+        check_int("keep_checkpoints", self.keep_checkpoints, 0)
+        check_int("log_every", self.log_every, 1)
 
 
 @dataclass(frozen=True)
@@ -101,8 +109,23 @@ class Stage1Config:
     run: RunConfig = RunConfig()
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.micro_batch_size < 1:
-            raise DreamPoseError("batch_size and micro_batch_size must be >= 1")
+        check_int("batch_size", self.batch_size, 1)
+        check_int("micro_batch_size", self.micro_batch_size, 1)
+        check_int("height", self.height, 0)
+        check_int("width", self.width, 0)
+        check_int("max_steps", self.max_steps, 0)
+        check_int("num_workers", self.num_workers, 0)
+        check_int("synth_videos", self.synth_videos, 1)
+        check_int("synth_frames", self.synth_frames, 1)
+        for name in ("p_drop_pose", "p_drop_image", "p_drop_both"):
+            if not 0.0 <= check_float(name, getattr(self, name)) <= 1.0:
+                raise DreamPoseError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.p_drop_pose + self.p_drop_image + self.p_drop_both > 1.0:
+            raise DreamPoseError("p_drop_pose + p_drop_image + p_drop_both must be at most 1")
+        if self.window not in ("real", "copies"):
+            raise DreamPoseError(f"window must be 'real' or 'copies', got {self.window!r}")
+        check_float("epochs", self.epochs, 0.0, low_open=True)
+        check_float("ema_decay", self.ema_decay)
         if self.target_latents not in ("sample", "mean"):
             raise DreamPoseError(f"target_latents must be 'sample' or 'mean', got {self.target_latents!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -121,6 +144,8 @@ class AugmentConfig:
     max_shift: float = 0.05
 
     def __post_init__(self) -> None:
+        for name in ("min_scale", "max_scale", "max_shift"):
+            check_float(name, getattr(self, name))
         if not 0 < self.min_scale <= self.max_scale:
             raise DreamPoseError(f"need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
         if not 0 <= self.max_shift < 0.5:
@@ -168,8 +193,13 @@ class FinetuneConfig:
             raise DreamPoseError(f"give one pose per image: {len(self.images)} images, {len(self.poses)} poses")
         if self.pixel_loss not in PIXEL_LOSSES:
             raise DreamPoseError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {self.pixel_loss!r}")
-        if self.unet_steps < 0 or self.decoder_steps < 0 or self.batch_size < 1:
-            raise DreamPoseError("steps must be >= 0 and batch_size >= 1")
+        check_int("unet_steps", self.unet_steps, 0)
+        check_int("decoder_steps", self.decoder_steps, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_float("unet_lr", self.unet_lr, 0.0, low_open=True)
+        check_float("decoder_lr", self.decoder_lr, 0.0, low_open=True)
+        check_float("lpips_weight", self.lpips_weight, 0.0)
+        check_float("decoder_crop", self.decoder_crop)
         if not 0 < self.decoder_crop <= 1:
             raise DreamPoseError(f"decoder_crop must be in (0, 1], got {self.decoder_crop}")
 

@@ -21,7 +21,7 @@ from ..poses import prepare_poses
 from ..utils import DreamPoseError
 
 
-class Denoiser(nn.Module):
+class NoisePredictor(nn.Module):
     """The trained part of DreamPose: the adapter and the 14-channel UNet, as one module (one DDP wrapper).
 
     forward(noisy (B, 4, h, w), pose_window (B, 2 * n_poses, h, w) in [-1, 1], timesteps (B,),
@@ -118,7 +118,7 @@ class FrozenEncoders:
 
 
 def diffusion_loss(
-    denoiser: nn.Module,
+    predictor: nn.Module,
     encoders: FrozenEncoders,
     schedule,
     image: torch.Tensor,
@@ -132,7 +132,7 @@ def diffusion_loss(
     """The epsilon-MSE loss of one batch (a scalar, mean over the batch).
 
     Args:
-        denoiser: a Denoiser (possibly DDP-wrapped).
+        predictor: a NoisePredictor (possibly DDP-wrapped).
         image, target: (B, 3, H, W) in [-1, 1]. poses: (B, n_poses, 2, H, W) in [0, 1].
         generator: source of the target-latent draw, the noise and the timesteps.
         drop_image, drop_pose: (B,) bool per-sample dropout (None: none).
@@ -145,5 +145,5 @@ def diffusion_loss(
     noise = torch.randn(z0.shape, generator=generator, device=dev)
     t = torch.randint(0, schedule.config.num_train_timesteps, (z0.shape[0],), generator=generator, device=dev)
     noisy = schedule.add_noise(z0, noise, t)
-    eps = denoiser(noisy, window, t, clip, lat)
+    eps = predictor(noisy, window, t, clip, lat)
     return F.mse_loss(eps.float(), noise)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils import DreamPoseError, PathLike, atomic_dir, atomic_file, read_json, write_json
+from ..outputs import atomic_dir
+from ..utils import DreamPoseError, PathLike, atomic_file, read_json, write_json
 from .config import OptimConfig, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class Trainer:
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
         if self.acc.is_main_process:
             module = self.acc.unwrap_model(self.ddp_module) if self._prepared else self.module
-            with atomic_dir(path) as tmp:
+            with atomic_dir(path, "checkpoint") as tmp:
                 state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
                 save_file(state, str(tmp / "model.safetensors"))
                 if self.ema is not None:

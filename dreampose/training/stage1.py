@@ -14,6 +14,7 @@ checkpoints and exact resume.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ import torch
 from ..data.dataset import DropoutConfig, PairSampler, TrainingPairs, UBCFolder, VideoSource
 from ..data.synth import SynthFashion, SynthFashionConfig
 from ..model import DreamPoseModel
+from ..outputs import check_output_dir, claim_output_dir
 from ..utils import DreamPoseError
 from .config import Stage1Config, config_to_dict, save_config
-from .diffusion import Denoiser, FrozenEncoders, diffusion_loss, noise_schedule
+from .diffusion import FrozenEncoders, NoisePredictor, diffusion_loss, noise_schedule
 from .loop import LoopResult, Trainer, list_checkpoints, make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,9 @@ def train_stage1(cfg: Stage1Config, resume: str | None = None, accelerator=None)
     if cfg.batch_size % (cfg.micro_batch_size * acc.num_processes):
         steps_and_accumulation(cfg, 1, acc.num_processes)  # raises the error
     resume_path = _resume_path(ckpt_dir, resume)
+    inputs = [cfg.data if cfg.data != "synth" else None, cfg.base_model if cfg.base_model != "tiny" else None,
+              cfg.sd_dir or None, cfg.clip_dir or None]
+    check_output_dir(out, "train", inputs=inputs, legacy=_is_run_folder)  # new, empty, or this command's own
     if cfg.data != "synth":
         source: VideoSource | None = video_source(cfg, (0, 0))  # a broken dataset fails before the model loads
     else:
@@ -122,12 +127,13 @@ def train_stage1(cfg: Stage1Config, resume: str | None = None, accelerator=None)
     if cfg.run.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     model.eval()
-    denoiser = Denoiser(model.unet, model.adapter)
-    trainer = Trainer(acc, denoiser, cfg.optim, cfg.run, ckpt_dir, max_steps, grad_accum, cfg.micro_batch_size,
+    predictor = NoisePredictor(model.unet, model.adapter)
+    trainer = Trainer(acc, predictor, cfg.optim, cfg.run, ckpt_dir, max_steps, grad_accum, cfg.micro_batch_size,
                       configs={"stage1": config_to_dict(cfg), "model": c.to_dict()}, ema_decay=cfg.ema_decay, name="stage1")
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
     if acc.is_main_process:
+        claim_output_dir(out, "train", inputs=inputs, legacy=_is_run_folder)
         save_config(cfg, out / "config.json")
 
     # 3. train
@@ -152,9 +158,17 @@ def train_stage1(cfg: Stage1Config, resume: str | None = None, accelerator=None)
     for name, state in frozen_fp32.items():
         getattr(model, name).load_state_dict(state)
     if acc.is_main_process:
-        model.save_pretrained(model_dir)
+        model.save_pretrained(model_dir, command="train")
     acc.wait_for_everyone()
     return Stage1Result(model_dir=model_dir, losses=result.losses, start_step=result.start_step, end_step=result.end_step)
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A stage-1 run folder written before output markers: its config says Stage1Config."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("kind") == "Stage1Config"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _resume_path(ckpt_dir: Path, resume: str | None) -> Path | None:

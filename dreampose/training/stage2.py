@@ -29,11 +29,12 @@ from torch import nn
 
 from ..images import load_image
 from ..model import DreamPoseModel
+from ..outputs import check_output_dir, claim_output_dir
 from ..poses import check_poses, read_iuv_image, resize_poses
 from ..utils import DreamPoseError, PathLike, load_frozen_module, write_json
 from .augment import random_affine, transform_together, warp
 from .config import FinetuneConfig, config_to_dict, save_config
-from .diffusion import Denoiser, FrozenEncoders, diffusion_loss, noise_schedule
+from .diffusion import FrozenEncoders, NoisePredictor, diffusion_loss, noise_schedule
 from .loop import Trainer, list_checkpoints, make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,11 @@ def load_perceptual_loss(path: PathLike, device: torch.device) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # The finetune
 # --------------------------------------------------------------------------------------------------
+def _inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
 def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> FinetuneResult:
     """Finetune ``cfg.base_model`` on the subject; write the model folder ``cfg.output_dir``.
 
@@ -171,8 +177,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
         raise DreamPoseError("finetune needs a base model folder and an output folder")
     acc = accelerator if accelerator is not None else make_accelerator(cfg.run)
     work = Path(cfg.work_dir or f"{cfg.output_dir}.work")
-    if Path(cfg.output_dir).resolve() == Path(cfg.base_model).resolve():
-        raise DreamPoseError(f"{cfg.output_dir}: the output folder must differ from the base model")
+    inputs = [cfg.base_model, *cfg.images, *cfg.poses, cfg.lpips or None]
+    check_output_dir(cfg.output_dir, "finetune", inputs=inputs)  # new, empty, or an earlier finetune's output
+    check_output_dir(work, "finetune", inputs=inputs)
+    if _inside(Path(cfg.output_dir), work) or _inside(work, Path(cfg.output_dir)):
+        raise DreamPoseError(f"{work}: the work folder and the output folder {cfg.output_dir} must not contain "
+                             "each other")
 
     # 1. inputs first
     model = DreamPoseModel.from_pretrained(cfg.base_model)
@@ -180,6 +190,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     images, poses = load_subject(cfg, (c.height, c.width))
     lpips = load_perceptual_loss(cfg.lpips, acc.device) if cfg.lpips else None
     if acc.is_main_process:
+        claim_output_dir(work, "finetune", inputs=inputs)
         save_config(cfg, work / "config.json")
     logger.info("finetune: %d subject image(s) at %d x %d, %d UNet steps then %d decoder steps",
                 len(images), c.height, c.width, cfg.unet_steps, cfg.decoder_steps)
@@ -196,7 +207,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
         model.unet.requires_grad_(True)
         model.adapter.requires_grad_(True)
         optim = type(cfg.optim)(**{**config_to_dict(cfg.optim), "lr": cfg.unet_lr, "betas": tuple(cfg.optim.betas)})
-        trainer = Trainer(acc, Denoiser(model.unet, model.adapter), optim, cfg.run, work / _PHASE_UNET,
+        trainer = Trainer(acc, NoisePredictor(model.unet, model.adapter), optim, cfg.run, work / _PHASE_UNET,
                           cfg.unet_steps, 1, cfg.batch_size, configs, name=_PHASE_UNET)
         if resume and (found := list_checkpoints(work / _PHASE_UNET)):
             trainer.load_checkpoint(found[-1])
@@ -246,7 +257,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     # 4. the model folder
     out = Path(cfg.output_dir)
     if acc.is_main_process:
-        model.to(torch.float32).save_pretrained(out)
+        model.to(torch.float32).save_pretrained(out, command="finetune")
         write_json(out / "finetune.json", config_to_dict(cfg))
     acc.wait_for_everyone()
     return FinetuneResult(model_dir=out, unet_losses=unet_losses, decoder_losses=decoder_losses)

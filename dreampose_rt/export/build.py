@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from dreampose.outputs import check_output_dir, claim_output_dir
 from dreampose.utils import DreamPoseError, PathLike
 
 from .engine import Engine, OrtEngine
@@ -319,6 +320,7 @@ def build_engines(
         import_tensorrt()  # fail before minutes of export, not after
         current_device("tensorrt")
     out = Path(out_dir)
+    check_output_dir(out, "build-engine", inputs=[model_dir, refit_from], legacy=EngineManifest.exists)
     t_all = time.perf_counter()
     model = _load_model(model_dir, "model")
     weights_model = model
@@ -330,7 +332,7 @@ def build_engines(
                     f"{refit_from}: the subject's {name} differs in architecture from {model_dir}'s; cannot refit"
                 )
     spec = _shape_spec(model, options)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "build-engine", inputs=[model_dir, refit_from], legacy=EngineManifest.exists)
     records: dict[str, NetworkRecord] = {}
     for i, name in enumerate(options.networks, 1):
         t0 = time.perf_counter()

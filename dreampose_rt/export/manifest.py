@@ -175,8 +175,14 @@ class EngineManifest:
     # ---- facts ------------------------------------------------------------------------------------
     @property
     def max_frames(self) -> int:
-        """The most frames one engine call takes (the UNet's batch is 3x this)."""
+        """The frames per call the engines were built for (the UNet's batch is 3x this)."""
         return self.shape_spec.max_frames
+
+    @property
+    def frame_limit(self) -> int | None:
+        """The most frames one call can take: a TensorRT profile ends at max_frames; ONNX graphs have a
+        dynamic batch axis (None: no limit)."""
+        return self.max_frames if self.backend == "tensorrt" else None
 
     # ---- checks -----------------------------------------------------------------------------------
     def check(self, engine_dir: PathLike, model: "DreamPoseModel", backend: str, precision: str | None = None) -> None:
@@ -203,10 +209,14 @@ class EngineManifest:
         missing = [n for n in NETWORKS if n not in self.networks]
         if missing:
             raise DreamPoseError(f"{engine_dir}: engines for {', '.join(missing)} are missing; {REBUILD}")
+        built, running = self.versions.get(self.backend), _backend_version(self.backend)
+        if self.backend == "tensorrt" and built and running and built != running:
+            raise DreamPoseError(f"{engine_dir}: engines were built with TensorRT {built}, this is TensorRT {running}; "
+                                 f"a TensorRT plan runs only with the version that built it: {REBUILD}")
 
     def check_frames(self, engine_dir: PathLike, frames_per_batch: int) -> None:
         """Raise DreamPoseError if one call of ``frames_per_batch`` frames is more than the engines take."""
-        if frames_per_batch > self.max_frames:
+        if self.frame_limit is not None and frames_per_batch > self.frame_limit:
             raise DreamPoseError(f"frames_per_batch {frames_per_batch} is more than the engines in {engine_dir} take "
                                  f"({self.max_frames}); lower it, or rebuild with --max-frames {frames_per_batch}")
 
@@ -221,6 +231,19 @@ class EngineManifest:
             kwargs = {"output": "uint8" if "image_u8" in rec.outputs else "float"} if name == "vae_decoder" else {}
             hashes[name] = state_dict_hash(make_wrapper(name, model, self.precision, **kwargs).state_dict())
         return hashes
+
+
+def _backend_version(backend: str) -> str | None:
+    """The installed version of an engine backend's Python package (None if it is not installed)."""
+    from importlib import metadata
+
+    for dist in {"tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"), "onnxruntime": ("onnxruntime",
+                 "onnxruntime-gpu")}.get(backend, ()):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 __all__ = [

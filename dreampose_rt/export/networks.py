@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreampose.settings import torch_dtype
 from dreampose.utils import DreamPoseError
 
 from .manifest import ENGINE_PRECISIONS, ShapeSpec
@@ -50,13 +51,11 @@ BRANCHES = 3  # classifier-free guidance branches in a UNet batch
 Shape = tuple[int, ...]
 
 
-def torch_dtype(precision: str) -> torch.dtype:
-    """'fp32' -> torch.float32, 'fp16' -> torch.float16; anything else is a DreamPoseError."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "fp16":
-        return torch.float16
-    raise DreamPoseError(f"unsupported precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
+def engine_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of an engine precision ('fp32' or 'fp16'); anything else is a DreamPoseError."""
+    if precision not in ENGINE_PRECISIONS:
+        raise DreamPoseError(f"unsupported precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
+    return torch_dtype(precision)
 
 
 class ExportWrapper(nn.Module):
@@ -69,7 +68,7 @@ class ExportWrapper(nn.Module):
     def __init__(self, model: "DreamPoseModel", precision: str = "fp32") -> None:
         super().__init__()
         self.precision = precision
-        self.dtype = torch_dtype(precision)
+        self.dtype = engine_dtype(precision)
         self.config = model.config
         self.vae_scale_factor = model.vae_scale_factor
         self.latent_channels = model.latent_channels

@@ -16,7 +16,7 @@ captured in one CUDA graph and replayed with other scales (update the scale tens
 
 File layout (as mamba's Triton ops): kernel -> launcher -> public function (:func:`guided_step`)
 -> :func:`guided_step_ref` (plain PyTorch, same signature). The runtime drives it through
-:class:`dreampose_rt.sampler.FusedSampler` (the table, state buffers and step counter of a run).
+:class:`dreampose_rt.fused_sampler.FusedSampler` (the table, state buffers and step counter of a run).
 
 Layouts: every tensor is 4-D ``(rows, C, H, W)``; each row (frame, branch or history slot) must be
 one dense block of ``C*H*W`` elements, and all tensors must share the order of the elements inside
