@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -69,6 +68,7 @@ PILOT = dict(vae_steps=20, stage1_steps=30, log_every=10)
 
 logger = logging.getLogger("train_demo_model")
 
+COMMAND = "train-demo-model"  # the output marker of the folders this script writes (dreampose.outputs)
 
 def training_frames(n_videos: int, n_frames: int) -> torch.Tensor:
     """All frames of the training videos: (N, 3, H, W) in [-1, 1]."""
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                        "l1_first": float(np.mean(res.l1[:10])), "l1_last": float(np.mean(res.l1[-10:]))}
         logger.info("VAE: L1 %.4f -> %.4f in %.0f s, scaling factor %.4f", info["vae"]["l1_first"], info["vae"]["l1_last"],
                     res.seconds, res.scaling_factor)
-        model.save_pretrained(base_dir)
+        model.save_pretrained(base_dir, command=COMMAND)
         (work / "vae.json").write_text(json.dumps(info["vae"], indent=1))
 
     # 3. stage 1
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # the whole training: the phases' times (a --resume run that only finishes keeps the earlier records)
     info["total_seconds"] = sum(float(info[k].get("seconds", 0.0)) for k in ("vae", "stage1", "guidance"))
     assets = Path(args.assets)
-    model.save_pretrained(assets)
+    model.save_pretrained(assets, command=COMMAND)  # the shipped folder carries this script's marker
     (assets / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     subject, poses = write_demo_inputs(assets.parent)
     logger.info("wrote the demo subject %s and poses %s", subject, poses)
