@@ -70,6 +70,7 @@ logger = logging.getLogger("train_demo_model")
 
 COMMAND = "train-demo-model"  # the output marker of the folders this script writes (dreampose.outputs)
 
+
 def training_frames(n_videos: int, n_frames: int) -> torch.Tensor:
     """All frames of the training videos: (N, 3, H, W) in [-1, 1]."""
     out = []
