@@ -5,7 +5,8 @@
 //
 // One entry for a step: scheduler_bind(plan, *, sample, frames, history, saved_sample, accumulator,
 // num_threads) checks the run's fp32 state tensors once and returns a SchedulerBoundStep, whose
-// step(k, sample, model_output, out=None, scale_image=None, scale_pose=None) is the per-step call.
+// step(k, sample, model_output, out=None, scale_image=None, scale_pose=None, guidance_cache=None) is the
+// per-step call.
 // Reading a tensor's dtype, device, sizes and contiguity from C++ costs nanoseconds (from Python about
 // 1 us a step). The per-step caller passes step()'s arguments by position: pybind11 matches keyword
 // arguments at ~0.4 us a call, more than the rest of the call (~0.25 us).
@@ -254,16 +255,52 @@ struct PyBoundStep {
     return &t;
   }
 
+  // The guidance cache `obj` of a step on sample x, model output m and out o (o: null for an output
+  // the binding allocates or recycles, which nothing else can see): a CPU float32 contiguous tensor of
+  // shape (2, *sample shape) (d_I then d_P) that overlaps none of the step's other tensors.
+  float* cache_arg(py::handle obj, const at::Tensor& x, const at::Tensor& m, const at::Tensor* o) const {
+    const char* name = "guidance_cache";
+    const at::Tensor& c = args::tensor(obj, name);
+    args::check_cpu_contiguous(c, name, {at::kFloat});
+    std::vector<int64_t> want{2};
+    want.insert(want.end(), sizes.begin(), sizes.end());
+    if (c.sizes() != at::IntArrayRef(want))
+      bad(std::string(name) + " has shape " + args::shape_str(c.sizes()) + ", expected " + args::shape_str(want) +
+          " (d_I and d_P, each shaped like the sample)");
+    args::check_no_overlap(c, name, x, "sample");
+    args::check_no_overlap(c, name, m, "model_output");
+    if (o != nullptr) args::check_no_overlap(c, name, *o, "out");
+    args::check_no_overlap(c, name, history, "the scheduler's history");
+    args::check_no_overlap(c, name, saved_sample, "the scheduler's saved sample");
+    args::check_no_overlap(c, name, accumulator, "the scheduler's accumulator");
+    return c.data_ptr<float>();
+  }
+
   // Step k: writes prev_sample into `out` (None: a new tensor, or a recycled earlier output) and
-  // updates the state. Unguided when both scales are None; guided (model_output holds the three
-  // branches, 3F rows) when both are given. Returns the tensor written, or None when sample,
-  // model_output or out does not match the binding (another dtype, device, shape or layout, a tensor
-  // subclass): the caller then takes its checked path, which re-binds or names the problem.
+  // updates the state. Unguided when both scales are None; guided when both are given: model_output
+  // holds the three branches (3F rows), or with guidance_cache given either the three branches (a
+  // refresh step: the guidance differences are also written to the cache) or the sample's F rows (a
+  // cached step: e(I,P) alone, combined with the cache). Returns the tensor written, or None when
+  // sample, model_output or out does not match the binding (another dtype, device, shape or layout, a
+  // tensor subclass): the caller then takes its checked path, which re-binds or names the problem.
   py::object step(int64_t k, py::handle sample, py::handle model_output, py::handle out, py::handle scale_image,
-                  py::handle scale_pose) {
+                  py::handle scale_pose, py::handle guidance_cache) {
     const bool guided = !scale_image.is_none() || !scale_pose.is_none();
+    const bool has_cache = !guidance_cache.is_none();
     const at::Tensor* x = match(sample.ptr(), 1);
     const at::Tensor* m = x ? match(model_output.ptr(), guided ? 3 : 1) : nullptr;
+    bool cached = false;
+    if (m == nullptr && x != nullptr && guided) {
+      m = match(model_output.ptr(), 1);  // the sample's F rows: a cached step (e(I,P) alone)
+      if (m != nullptr && !has_cache) {
+        std::vector<int64_t> full(sizes);
+        full[0] *= 3;
+        bad("guidance_cache is required: model_output has shape " + args::shape_str(m->sizes()) +
+            ", the sample's " + std::to_string(sizes[0]) + " rows (a cached step: e(I,P) alone); without a " +
+            "cache it holds the three branches, expected " + args::shape_str(full));
+      }
+      cached = m != nullptr;
+    }
     if (m == nullptr) return py::none();
     const at::Tensor* o = nullptr;
     if (!out.is_none()) {
@@ -272,6 +309,8 @@ struct PyBoundStep {
     }
     const sch::StepRow& r = row(k);
     sch::Guidance g;
+    if (has_cache && !guided)
+      bad("guidance_cache is given but the step is not guided (pass scale_image and scale_pose)");
     if (guided) {
       if (scale_image.is_none() || scale_pose.is_none())
         bad("scale_image and scale_pose must be given together (a guided step) or both be None");
@@ -280,6 +319,10 @@ struct PyBoundStep {
       g.frame_numel = buf.numel / frames;
       g.scale_image = scales(scale_image, "scale_image", uniform_image);
       g.scale_pose = scales(scale_pose, "scale_pose", uniform_pose);
+      if (has_cache) {
+        g.cache = cache_arg(guidance_cache, *x, *m, o);
+        g.cache_mode = cached ? sch::CacheMode::kCached : sch::CacheMode::kRefresh;
+      }
     }
     py::object result;
     void* out_ptr;
@@ -416,11 +459,16 @@ void register_scheduler(py::module_& m) {
                           "A run's step bound to its plan and fp32 state tensors (made by scheduler_bind).")
       .def("step", &PyBoundStep::step, py::arg("k"), py::arg("sample"), py::arg("model_output"),
            py::arg("out") = py::none(), py::arg("scale_image") = py::none(), py::arg("scale_pose") = py::none(),
+           py::arg("guidance_cache") = py::none(),
            "Step k of the plan on CPU tensors like the bound sample: writes prev_sample into `out` (None: a new "
            "tensor) and updates the state. Guided when scale_image and scale_pose are given (floats, or CPU "
-           "float32 tensors of F or 1 values; model_output then holds 3F rows, branch-major). Returns the "
-           "tensor written, or None when sample, model_output or out does not match the binding. (Keywords work; "
-           "a per-step caller passes the arguments by position: pybind11 matches keywords at ~0.4 us a call.)")
+           "float32 tensors of F or 1 values; model_output then holds 3F rows, branch-major). guidance_cache "
+           "(guided steps only): a CPU float32 contiguous tensor (2, *sample.shape), d_I then d_P; with 3F rows "
+           "of model_output the step refreshes it (writes e(I,0) - e(0,0) and e(I,P) - e(I,0)), with the "
+           "sample's F rows (e(I,P) alone) the step reads it (a cached step; the cache is then required). "
+           "Returns the tensor written, or None when sample, model_output or out does not match the binding. "
+           "(Keywords work; a per-step caller passes the arguments by position: pybind11 matches keywords at "
+           "~0.4 us a call.)")
       .def("set_plan", &PyBoundStep::set_plan, py::arg("plan"),
            "Use another plan with the same buffers (checked: the plan needs no buffer that is not bound).");
   m.def("scheduler_bind", &bind_plan, py::arg("plan"), py::kw_only(), py::arg("sample"), py::arg("frames"),

@@ -69,5 +69,28 @@ inline void check_numel(const at::Tensor& t, int64_t want, const char* name, con
   }
 }
 
+// A shape as Python prints a tuple: "(2, 4, 8, 8)", "(3,)", "()".
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t d = 0; d < sizes.size(); ++d) os << (d ? ", " : "") << sizes[d];
+  os << (sizes.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+// Do two contiguous tensors share any byte? (Undefined tensors share nothing.)
+inline bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  const char* a0 = static_cast<const char*>(a.data_ptr());
+  const char* b0 = static_cast<const char*>(b.data_ptr());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+// "<name> overlaps <other> (<name> must be a buffer of its own)" when the contiguous tensors share memory.
+inline void check_no_overlap(const at::Tensor& t, const char* name, const at::Tensor& other, const char* other_name) {
+  if (overlaps(t, other))
+    bad(std::string(name) + " overlaps " + other_name + " (" + name + " must be a buffer of its own)");
+}
+
 }  // namespace args
 }  // namespace dreampose_rt

@@ -19,7 +19,7 @@ import diffusers
 import pytest
 import torch
 
-from dreampose.guidance import combine_guidance
+from dreampose.guidance import combine_guidance, guidance_differences
 from dreampose_rt.kernels import guided_step, guided_step_ref, kernel_availability
 from dreampose_rt.fused_sampler import FusedSampler
 from dreampose_rt.kernels import fused_step
@@ -251,6 +251,97 @@ def test_row_needing_a_missing_buffer_poisons_the_output(device):
 
 
 # ------------------------------------------------------------------------------------------------
+# Guidance caching: refresh steps write d_I and d_P in the same pass, cached steps read them
+# ------------------------------------------------------------------------------------------------
+def run_both_cached(table, x, outs, scale_image, scale_pose, info, every=3, memory_format=torch.contiguous_format):
+    """Every step of the table through the kernel and the reference with a guidance cache: a refresh (the
+    three branches) on every ``every``-th step, e(I,P) alone (rows [F, 2F)) on the others. Compares out, the
+    state and the cache (which the kernel and the reference compute alike in fp32: the same bits)."""
+    dtype, f = x.dtype, x.shape[0]
+    st_k = nan_state(info, x.shape, x.device, memory_format)
+    st_r = clone_state(st_k)
+    cache_k = torch.full((2 * f,) + tuple(x.shape[1:]), float("nan"), device=x.device)
+    cache_k = cache_k.contiguous(memory_format=memory_format).view((2,) + tuple(x.shape))
+    cache_r = torch.full((2,) + tuple(x.shape), float("nan"), device=x.device)
+    xk, xr = x.clone(memory_format=memory_format), x.clone()
+    for k in range(table.shape[0]):
+        e = outs[k] if k % every == 0 else outs[k][f : 2 * f]
+        want = guided_step_ref(e, xr, table, k, scale_image, scale_pose, st_r, guidance_cache=cache_r)
+        got = guided_step(e.contiguous(memory_format=memory_format), xk, table, k, scale_image, scale_pose, st_k,
+                          guidance_cache=cache_k)  # fmt: skip
+        check_close(got, want, dtype, f"step {k} ({'refresh' if k % every == 0 else 'cached'}) out")
+        check_state(st_k, st_r, dtype, f"step {k}")
+        assert torch.equal(cache_k.cpu(), cache_r.cpu()), f"step {k}: the guidance cache differs"
+        xk, xr = got, want
+    return xk, xr, cache_k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scales", ["float", "per-frame"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_steps_match_reference(case, dtype, scales, device):
+    table = plan(case, device)
+    x, outs = random_inputs((2, 4, 5, 3), table.shape[0], dtype, device, seed=8)
+    if scales == "float":
+        s_i, s_p = 7.5, 2.0
+    else:
+        s_i, s_p = torch.tensor([7.5, 3.0], device=device), torch.tensor([2.0, 0.5], device=device)
+    run_both_cached(table, x, outs, s_i, s_p, TableInfo.of(table))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_cached_steps_channels_last_and_several_blocks(dtype, device, monkeypatch):
+    """The cache in channels_last like the other buffers, 60 elements per frame in blocks of 16 (a tail)."""
+    monkeypatch.setattr(fused_step, "_pick_block", lambda n, f, d: (16, 1))
+    table = plan("pndm-prk", device)
+    x, outs = random_inputs((2, 4, 5, 3), table.shape[0], dtype, device, seed=9)
+    run_both_cached(table, x, outs, 5.0, 1.5, TableInfo.of(table), every=2, memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_refresh_writes_the_cache_and_steps_as_without_one(dtype, device):
+    """A refresh gives the bits of a step without a cache and leaves guidance_differences of its input in
+    the cache; the cache may be a frame-strided view (its halves and frames apart)."""
+    table = plan("dpmpp", device)
+    info = TableInfo.of(table)
+    frames = 3
+    x, outs = random_inputs((frames, 4, 5, 3), 2, dtype, device, seed=10)
+    big = torch.zeros((2, 2 * frames, 4, 5, 3), device=device)
+    cache = big[:, ::2]  # frames of the cache 2 rows apart
+    st_a, st_b = nan_state(info, x.shape, device), nan_state(info, x.shape, device)
+    for k in range(2):
+        want = guided_step(outs[k], x, table, k, 7.5, 2.0, st_a)
+        got = guided_step(outs[k], x, table, k, 7.5, 2.0, st_b, guidance_cache=cache)
+        assert torch.equal(got, want)
+        assert torch.equal(cache.cpu(), guidance_differences(outs[k], frames).cpu())
+    assert torch.equal(big[:, 1::2], torch.zeros_like(big[:, 1::2])), "wrote between the frames"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_outside_the_table_leaves_the_cache_alone(device):
+    table = plan("ddim", device)
+    info = TableInfo.of(table)
+    x, outs = random_inputs((2, 4, 3, 3), 1, torch.float32, device, seed=11)
+    cache = torch.full((2, 2, 4, 3, 3), 5.0, device=device)
+    past = torch.full((1,), table.shape[0], dtype=torch.int32, device=device)
+    assert torch.isnan(guided_step(outs[0], x, table, past, 7.5, 2.0, nan_state(info, x.shape, device),
+                                   guidance_cache=cache)).all()  # fmt: skip
+    assert torch.isnan(guided_step(outs[0][2:4], x, table, past, 7.5, 2.0, nan_state(info, x.shape, device),
+                                   guidance_cache=cache)).all()  # fmt: skip
+    assert torch.equal(cache, torch.full_like(cache, 5.0))
+
+
+def test_reference_needs_the_cache_for_a_cached_step():
+    table = plan("ddim", "cpu")
+    x, outs = random_inputs((2, 4, 3, 3), 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"guidance_cache is required: unet_out has shape \(2, 4, 3, 3\)"):
+        guided_step_ref(outs[0][2:4], x, table, 0, 7.5, 2.0, StepState(None, None, None))
+
+
+# ------------------------------------------------------------------------------------------------
 # The runtime's sampler, and the end-to-end check against diffusers
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
@@ -414,6 +505,29 @@ ERROR_CASES = {
     "out dtype": (lambda a: {"out": torch.empty(2, 4, 5, 3, dtype=torch.float16)}, "out has dtype torch.float16"),
     "out overlaps input": (lambda a: {"out": a["unet_out"][:2]}, "out overlaps unet_out"),
     "out overlaps latents": (lambda a: _shifted_alias(a), "out overlaps latents"),
+    "cached without cache": (
+        lambda a: {"unet_out": a["unet_out"][2:4]},
+        r"guidance_cache is required: unet_out has shape \(2, 4, 5, 3\), the 2 rows of latents",
+    ),
+    "cache dtype": (lambda a: {"guidance_cache": torch.zeros(2, 2, 4, 5, 3, dtype=torch.float16)},
+                    "guidance_cache has dtype torch.float16; expected torch.float32"),  # fmt: skip
+    "cache shape": (lambda a: {"guidance_cache": torch.zeros(2, 4, 5, 3)}, r"guidance_cache has shape \(2, 4, 5, 3\)"),
+    "cache device": (lambda a: {"guidance_cache": torch.zeros(2, 2, 4, 5, 3, device="meta")}, "guidance_cache is on meta"),
+    "cache layout": (
+        lambda a: {"guidance_cache": torch.empty(4, 4, 5, 3, memory_format=torch.channels_last).view(2, 2, 4, 5, 3)},
+        "guidance_cache has strides",
+    ),
+    "cache halves overlap": (
+        lambda a: {"guidance_cache": torch.zeros(2, 4, 5, 3)[None].expand(2, 2, 4, 5, 3)},
+        "guidance_cache has strides .*: its halves or frames overlap",
+    ),
+    "cache overlaps out": (
+        lambda a: (lambda c: {"guidance_cache": c, "out": c[0]})(torch.zeros(2, 2, 4, 5, 3)),
+        "guidance_cache overlaps out",
+    ),
+    "cache overlaps state": (
+        lambda a: {"guidance_cache": a["state"].history[:2]}, "guidance_cache overlaps state.history",
+    ),
 }
 
 
@@ -494,8 +608,9 @@ def test_info_reports_the_kernel():
 
 
 def test_kernel_compiles_for_sm90():
-    """Ahead-of-time compilation for an H100 (no GPU needed): every dtype and flag combination lowers
-    to PTX with 128-bit loads and stores (given the 16-divisible strides Triton specialises on)."""
+    """Ahead-of-time compilation for an H100 (no GPU needed): every dtype and flag combination (the
+    guidance cache's refresh and cached forms too) lowers to PTX with 128-bit loads and stores (given the
+    16-divisible strides Triton specialises on)."""
     res = _fresh_python(
         """
         import itertools, json, re
@@ -505,11 +620,15 @@ def test_kernel_compiles_for_sm90():
         from dreampose_rt.kernels import fused_step
         k = fused_step._guided_step_kernel
         names = k.arg_names
-        div = {"out_ptr", "x_ptr", "e_ptr", "h_ptr", "s_ptr", "a_ptr", "frame_numel", "stride_out_f", "stride_x_f",
-               "stride_e_f", "stride_h_slot", "stride_h_f", "stride_s_f", "stride_a_f"}
+        div = {"out_ptr", "x_ptr", "e_ptr", "h_ptr", "s_ptr", "a_ptr", "c_ptr", "frame_numel", "stride_out_f",
+               "stride_x_f", "stride_e_f", "stride_h_slot", "stride_h_f", "stride_s_f", "stride_a_f",
+               "stride_c_half", "stride_c_f"}
         report = {}
-        for ty, flags in itertools.product(("fp32", "fp16", "bf16"), ((True,) * 5, (False,) * 5)):
-            consts = dict(zip(("STEP_FROM_PTR", "SCALES_FROM_PTR", "HAS_HISTORY", "HAS_SAVED", "HAS_ACC"), flags))
+        # every flag on or off, and the guidance cache: refresh (written) and cached (read)
+        variants = ((True,) * 5 + (False, False), (False,) * 7, (True,) * 5 + (True, False), (True,) * 7)
+        for ty, flags in itertools.product(("fp32", "fp16", "bf16"), variants):
+            consts = dict(zip(("STEP_FROM_PTR", "SCALES_FROM_PTR", "HAS_HISTORY", "HAS_SAVED", "HAS_ACC",
+                               "HAS_CACHE", "CACHED"), flags))
             consts["BLOCK"] = 1024
             ptr = {"out_ptr": ty, "x_ptr": ty, "e_ptr": ty, "step_ptr": "i32"}
             sig = {}
@@ -523,14 +642,15 @@ def test_kernel_compiles_for_sm90():
             src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()},
                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div})
             ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-            report[f"{ty}-{flags[0]}"] = sorted(set(re.findall(r"(?:ld|st)\\.global\\.v4\\.b32", ptx)))
+            report[f"{ty}-{''.join('1' if v else '0' for v in flags)}"] = sorted(
+                set(re.findall(r"(?:ld|st)\\.global\\.v4\\.b32", ptx)))
         print(json.dumps(report))
         """,
         interpret=False,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(report) == 6
+    assert len(report) == 12
     for key, ops in report.items():
         assert ops == ["ld.global.v4.b32", "st.global.v4.b32"], key
 

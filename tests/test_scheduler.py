@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from dreampose.guidance import combine_cached, combine_guidance, guidance_differences
 from dreampose_rt.scheduler import (
     COLUMNS,
     NUM_COLUMNS,
@@ -295,6 +296,224 @@ def test_guidance_combine_ref_is_the_projects_formula():
     e00, eip, ei0 = e[:f], e[f : 2 * f], e[2 * f :]
     want = e00 + 5.0 * (ei0 - e00) + 1.5 * (eip - ei0)
     assert torch.allclose(guidance_combine_ref(e, 5.0, 1.5), want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Guidance caching: refresh steps keep d_I and d_P, cached steps get e(I,P) alone (dreampose.guidance)
+# ------------------------------------------------------------------------------------------------
+CACHE_CASES = {
+    "pndm-plms": ("pndm", SD_PNDM, 12),  # steps 0-1 save the sample (the general path), then the fast path
+    "pndm-prk": ("pndm", dict(SD_PNDM, skip_prk_steps=False), 5),  # Runge-Kutta rows: accumulator, general path
+    "ddim": ("ddim", SD, 10),
+    "dpmpp": ("dpmpp", SD, 10),
+}
+CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+CACHE_TOL = {torch.float32: 1e-6, torch.float16: 5e-3}  # relative L2, as the runs above
+# 3 frames of 4 x 12 x 10 = 480 elements: frames end inside the data plane's 512-element blocks
+CACHE_SHAPE = (3, 4, 12, 10)
+CACHE_SCALES = {
+    "float": (7.5, 2.0),  # the bound C++ fast path
+    "per-frame": (torch.tensor([7.5, 3.0, 1.25]), torch.tensor([2.0, 0.5, 4.0])),  # the checked path
+}
+
+
+def cached_run(name, opts, n, dtype, implementation, every, scales, shape=CACHE_SHAPE, seed=21, num_threads=0):
+    """A run of step_guided with a guidance cache that refreshes on every ``every``-th step (k % every == 0:
+    the three branches) and gets e(I,P) alone (rows [F, 2F)) on the others; ``every=None``: no cache.
+    Returns (the final sample, the cache, the run's full model outputs, the scheduler's timesteps)."""
+    s = create_scheduler(name, opts, implementation=implementation, num_threads=num_threads)
+    s.set_timesteps(n)
+    ts = s.timesteps.tolist()
+    f = shape[0]
+    x, outs = random_run(len(ts), shape=shape, seed=seed, rows=3)
+    x, outs = x.to(dtype), [o.to(dtype) for o in outs]
+    cache = torch.full((2, *shape), float("nan")) if every else None
+    y = x.clone()
+    for k, t in enumerate(ts):
+        refresh = every is None or k % every == 0
+        e = outs[k] if refresh else outs[k][f : 2 * f]
+        out = y if k % 2 else None  # in place and into a new tensor
+        kw = {"guidance_cache": cache} if cache is not None else {}
+        y = s.step_guided(e, t, y, *scales, out=out, **kw).prev_sample
+        assert y.dtype == dtype
+    return y, cache, outs, ts
+
+
+@pytest.mark.parametrize("implementation", BUILT)
+@pytest.mark.parametrize("scales", list(CACHE_SCALES))
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
+@pytest.mark.parametrize("case", list(CACHE_CASES))
+def test_cache_refreshed_every_step_is_the_run_without_a_cache(case, dtype, scales, implementation):
+    """A refresh step combines exactly as a step without a cache (same bits) and keeps the differences of
+    its output: guidance_differences of the last step's model output, bit for bit."""
+    need(implementation)
+    name, opts, n = CACHE_CASES[case]
+    dt = CACHE_DTYPES[dtype]
+    want, _, _, _ = cached_run(name, opts, n, dt, implementation, None, CACHE_SCALES[scales])
+    got, cache, outs, ts = cached_run(name, opts, n, dt, implementation, 1, CACHE_SCALES[scales])
+    assert torch.equal(got, want)
+    assert torch.equal(cache, guidance_differences(outs[len(ts) - 1], CACHE_SHAPE[0]))
+
+
+def reference_cached_loop(name, opts, n, dtype, every, scales, shape=CACHE_SHAPE, seed=21):
+    """The same run in plain PyTorch: dreampose.guidance's combine_guidance on refresh steps, combine_cached
+    with the differences kept at the last refresh on the others, then diffusers' step, in fp32 (an fp16
+    run's sample is rounded to fp16 after every step, as the fp16 run keeps it)."""
+    d = diffusers_scheduler(name, opts)
+    d.set_timesteps(n)
+    f = shape[0]
+    x, outs = random_run(len(d.timesteps), shape=shape, seed=seed, rows=3)
+    x, outs = x.to(dtype).float(), [o.to(dtype) for o in outs]
+    kept = None
+    for k, t in enumerate(d.timesteps):
+        if k % every == 0:
+            eps = combine_guidance(outs[k], f, *scales)
+            kept = guidance_differences(outs[k], f)
+        else:
+            eps = combine_cached(outs[k][f : 2 * f], kept, *scales)
+        x = d.step(eps, t, x).prev_sample
+        if dtype != torch.float32:
+            x = x.to(dtype).float()
+    return x, kept, d.timesteps.tolist()
+
+
+@pytest.mark.parametrize("implementation", BUILT)
+@pytest.mark.parametrize("scales", list(CACHE_SCALES))
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
+@pytest.mark.parametrize("case", list(CACHE_CASES))
+def test_cached_run_matches_the_reference_loop(case, dtype, scales, implementation):
+    """A refresh every 3rd step, e(I,P) alone on the others: the run ends where dreampose.guidance's
+    formulas and diffusers' step end, within the dtype's tolerance."""
+    need(implementation)
+    name, opts, n = CACHE_CASES[case]
+    dt = CACHE_DTYPES[dtype]
+    got, cache, _, ts = cached_run(name, opts, n, dt, implementation, 3, CACHE_SCALES[scales])
+    want, kept, want_ts = reference_cached_loop(name, opts, n, dt, 3, CACHE_SCALES[scales])
+    assert ts == want_ts
+    assert torch.equal(cache, kept)  # the differences of the last refresh, exactly
+    assert rel(got.float(), want) <= CACHE_TOL[dt]
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="compares the two implementations; the extension did not load")
+@pytest.mark.parametrize("scales", list(CACHE_SCALES))
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
+@pytest.mark.parametrize("case", list(CACHE_CASES))
+def test_cached_runs_of_cpp_and_python_agree(case, dtype, scales):
+    """(fp16: Python rounds the guided output to fp16, the C++ data plane keeps it in fp32.)"""
+    name, opts, n = CACHE_CASES[case]
+    dt = CACHE_DTYPES[dtype]
+    shape = (2, 4, 24, 20)
+    sc = CACHE_SCALES[scales] if scales == "float" else tuple(s[:2] for s in CACHE_SCALES[scales])
+    a, ca, _, _ = cached_run(name, opts, n, dt, "cpp", 3, sc, shape=shape)
+    b, cb, _, _ = cached_run(name, opts, n, dt, "python", 3, sc, shape=shape)
+    assert torch.equal(ca, cb)
+    assert rel(a.float(), b.float()) <= CACHE_TOL[dt]
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="the threads of the C++ data plane; the extension did not load")
+@pytest.mark.parametrize("dtype", list(CACHE_DTYPES))
+@pytest.mark.parametrize("case", ["pndm-plms", "pndm-prk", "dpmpp"])
+def test_cached_steps_on_two_threads_equal_one(case, dtype):
+    """Refresh and cached steps split over threads (frames ending inside blocks and chunks) give the bits of
+    one thread, the cache included."""
+    name, opts, n = CACHE_CASES[case]
+    dt = CACHE_DTYPES[dtype]
+    shape = (3, 4, 41, 67)
+    scales = (torch.tensor([7.5, 3.0, 1.25]), torch.tensor([2.0, 0.5, 4.0]))
+    a, ca, _, _ = cached_run(name, opts, n, dt, "cpp", 3, scales, shape=shape, num_threads=1)
+    b, cb, _, _ = cached_run(name, opts, n, dt, "cpp", 3, scales, shape=shape, num_threads=2)
+    assert torch.equal(a, b) and torch.equal(ca, cb)
+
+
+def _cache_error_cases(x: torch.Tensor, e3: torch.Tensor):
+    """(model_output, guidance_cache, out, message) of bad cached or refresh steps on sample x (2, 4, 8, 8)."""
+    e1 = e3[2:4]
+    c = torch.empty(2, *x.shape)
+    return [
+        (e1, None, None, r"guidance_cache is required: model_output has shape \(2, 4, 8, 8\), the sample's 2 rows "
+                         r"\(a cached step: e\(I,P\) alone\); without a cache it holds the three branches, expected "
+                         r"\(6, 4, 8, 8\)"),
+        (e1, c.half(), None, "guidance_cache must be torch.float32, got torch.float16"),
+        (e3, c.double(), None, "guidance_cache must be torch.float32, got torch.float64"),
+        (e1, torch.empty(2, 2, 4, 8, 9), None,
+         r"guidance_cache has shape \(2, 2, 4, 8, 9\), expected \(2, 2, 4, 8, 8\) \(d_I and d_P"),
+        (e3, torch.empty(2 * x.numel()), None, r"guidance_cache has shape \(1024,\), expected \(2, 2, 4, 8, 8\)"),
+        (e1, torch.empty(2, 2, 4, 8, 8, device="meta"), None, "guidance_cache .*meta"),
+        (e1, torch.empty(2, 2, 4, 8, 8).transpose(3, 4), None, r"guidance_cache must be contiguous"),
+        (e1, np.zeros((2, 2, 4, 8, 8), np.float32), None, "guidance_cache must be a torch tensor, got numpy.ndarray"),
+        (e3, c, c[0], "guidance_cache overlaps out"),
+        (e1, torch.cat([e1.float(), e1.float()]).view(2, *x.shape), None, None),  # fine: a buffer of its own
+    ]
+
+
+@pytest.mark.parametrize("implementation", BUILT)
+@pytest.mark.parametrize("bound", [False, True], ids=["first-step", "bound"])
+def test_guidance_cache_errors_name_it(implementation, bound):
+    """Wrong dtype, shape, device, layout or type of the cache, a cache sharing memory with another tensor, and
+    a cached step without a cache: ValueError naming guidance_cache, on the checked path (a run's first step)
+    and on the C++ fast path (a bound run); nothing is stepped."""
+    need(implementation)
+    s = create_scheduler("ddim", SD, implementation=implementation)  # no state: steps can be repeated
+    s.set_timesteps(5)
+    t0 = s.timesteps.tolist()[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    e3 = torch.randn(6, 4, 8, 8, generator=g)
+    if bound:
+        s.step_guided(e3, t0, x, 7.5, 2.0, guidance_cache=torch.empty(2, *x.shape))
+        s.set_timesteps(5)
+        assert implementation == "python" or s._bound is not None
+    for model_output, cache, out, match in _cache_error_cases(x, e3):
+        if match is None:
+            s.step_guided(model_output, t0, x, 7.5, 2.0, guidance_cache=cache)
+            s.set_timesteps(5)
+            continue
+        with pytest.raises(ValueError, match=match):
+            s.step_guided(model_output, t0, x, 7.5, 2.0, out=out, guidance_cache=cache)
+        assert s.step_index == 0
+    big = torch.zeros(3, *x.shape)
+    with pytest.raises(ValueError, match="guidance_cache overlaps sample"):
+        s.step_guided(e3, t0, big[1], 7.5, 2.0, guidance_cache=big[:2])  # the sample is the cache's d_P
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="checks the C++ binding's own argument checks")
+def test_bound_step_takes_the_cache_only_on_guided_steps():
+    s = create_scheduler("pndm", SD_PNDM, implementation="cpp")
+    s.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x, m, m3 = (torch.randn(rows, 4, 6, 5, generator=g) for rows in (3, 3, 9))
+    cache = torch.empty(2, *x.shape)
+    s.step(m, s.timesteps.tolist()[0], x)  # binds for (3, 4, 6, 5) float32
+    b = s._bound
+    with pytest.raises(ValueError, match="guidance_cache is given but the step is not guided"):
+        b.step(1, x, m, None, None, None, cache)
+    with pytest.raises(ValueError, match=r"guidance_cache is required: model_output has shape \(3, 4, 6, 5\)"):
+        b.step(1, x, m, None, 7.5, 2.0)
+    with pytest.raises(ValueError, match="guidance_cache overlaps the scheduler's history"):
+        b.step(1, x, m3, None, 7.5, 2.0, s._state.history[:2])
+    assert b.step(1, x, m3, None, 7.5, 2.0, cache) is not None  # a refresh
+    assert torch.equal(cache, guidance_differences(m3, 3))
+    assert b.step(1, x, m, None, 7.5, 2.0, cache) is not None  # a cached step
+    assert b.step(1, x.double(), m, None, 7.5, 2.0, cache) is None  # unlike the binding: the checked path
+
+
+@pytest.mark.gpu
+def test_cached_steps_on_cuda_use_the_torch_path():
+    """CUDA tensors step through the PyTorch formulas (guidance_differences, guidance_cached_ref)."""
+    scales = CACHE_SCALES["float"]
+    want, kept, _, _ = cached_run("dpmpp", SD, 10, torch.float32, "cpp" if HAVE_CPP else "python", 3, scales)
+    s = create_scheduler("dpmpp", SD)
+    s.set_timesteps(10, device="cuda")
+    f = CACHE_SHAPE[0]
+    x, outs = random_run(len(s.timesteps), shape=CACHE_SHAPE, seed=21, rows=3)
+    cache = torch.empty((2, *CACHE_SHAPE), device="cuda")
+    y = x.cuda()
+    for k, t in enumerate(s.timesteps.tolist()):
+        e = outs[k].cuda() if k % 3 == 0 else outs[k][f : 2 * f].cuda()
+        y = s.step_guided(e, t, y, *scales, guidance_cache=cache).prev_sample
+    assert y.device.type == "cuda"
+    assert rel(y.cpu(), want) <= 1e-5
+    assert torch.allclose(cache.cpu(), kept, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

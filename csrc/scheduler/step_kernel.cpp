@@ -263,6 +263,38 @@ void guidance_block(int64_t n, float s_i, float s_p, const float* __restrict__ e
   for (int64_t k = 0; k < n; ++k) m[k] = e00[k] + s_i * (ei0[k] - e00[k]) + s_p * (eip[k] - ei0[k]);
 }
 
+// CacheMode::kRefresh: guidance_block's arithmetic (same bits), and the two differences kept.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void guidance_refresh_block(int64_t n, float s_i, float s_p, const float* __restrict__ e00,
+                            const float* __restrict__ eip, const float* __restrict__ ei0, float* __restrict__ m,
+                            float* __restrict__ d_i, float* __restrict__ d_p) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float a = ei0[k] - e00[k], b = eip[k] - ei0[k];
+    m[k] = e00[k] + s_i * a + s_p * b;
+    d_i[k] = a;
+    d_p[k] = b;
+  }
+}
+
+// CacheMode::kCached: c_i = s_I - 1, c_p = s_p - 1.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void guidance_cached_block(int64_t n, float c_i, float c_p, const float* __restrict__ eip,
+                           const float* __restrict__ d_i, const float* __restrict__ d_p, float* __restrict__ m) {
+  for (int64_t k = 0; k < n; ++k) m[k] = eip[k] + c_i * d_i[k] + c_p * d_p[k];
+}
+
+// How a step gets its model output m: 0 unguided (m is read), 1 the three-branch combine, 2 the
+// combine that also writes the guidance cache (kRefresh), 3 from eIP and the cache (kCached).
+int guidance_kind(const Guidance& g) {
+  if (!g.enabled) return 0;
+  if (g.cache_mode == CacheMode::kCached) return 3;
+  return g.cache_mode == CacheMode::kRefresh && g.cache != nullptr ? 2 : 1;
+}
+
 
 // ---- The fast path: rows that keep no saved sample and no accumulator (every row of PLMS after
 // its first step, of DDIM and of DPM-Solver++). One loop reads each input once and writes q to the
@@ -284,14 +316,16 @@ __attribute__((always_inline)) inline V8 splat8(float f) { return V8{f, f, f, f,
 struct FastIn {
   const float* x;                   // sample (or kZeros when ox == qx == 0)
   const float* m;                   // model output (unguided)
-  const float *e00, *eip, *ei0;     // the three branches (guided)
-  float s_i, s_p;                   // guidance scales of this frame
+  const float *e00, *eip, *ei0;     // the three branches (guided; cached: eip only)
+  float s_i, s_p;                   // guidance scales of this frame (cached: s_I - 1 and s_p - 1)
   const float *s, *h0, *h1, *h2, *a;
   float* q;                         // history slot to write (kWQ)
   float* o;                         // result
+  float *d_i, *d_p;                 // the guidance cache (refresh: written; cached: read)
 };
 
-template <bool kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
+// kG: guidance_kind (0 unguided, 1 combine, 2 combine + write the cache, 3 from eIP and the cache).
+template <int kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
 __attribute__((always_inline)) inline void fast_body(const StepRow& r, float pz, int64_t n, const FastIn& p) {
   int64_t k = 0;
   {
@@ -300,10 +334,17 @@ __attribute__((always_inline)) inline void fast_body(const StepRow& r, float pz,
     const V8 oa = splat8(r.oa), zero = splat8(pz), si = splat8(p.s_i), sp = splat8(p.s_p);
     for (; k + 8 <= n; k += 8) {
       const V8 x = ld8(p.x + k);
-      V8 m;
-      if (kG) {
+      V8 m, di, dp;
+      if (kG == 1) {
         const V8 e00 = ld8(p.e00 + k), eip = ld8(p.eip + k), ei0 = ld8(p.ei0 + k);
         m = e00 + si * (ei0 - e00) + sp * (eip - ei0);
+      } else if (kG == 2) {
+        const V8 e00 = ld8(p.e00 + k), eip = ld8(p.eip + k), ei0 = ld8(p.ei0 + k);
+        di = ei0 - e00;
+        dp = eip - ei0;
+        m = e00 + si * di + sp * dp;
+      } else if (kG == 3) {
+        m = ld8(p.eip + k) + si * ld8(p.d_i + k) + sp * ld8(p.d_p + k);
       } else {
         m = ld8(p.m + k);
       }
@@ -318,12 +359,27 @@ __attribute__((always_inline)) inline void fast_body(const StepRow& r, float pz,
       if (kA) o = o + oa * a;
       o = o + zero;
       if (kWQ) st8(p.q + k, q);  // the stores come after every load of this iteration
+      if (kG == 2) {
+        st8(p.d_i + k, di);
+        st8(p.d_p + k, dp);
+      }
       st8(p.o + k, o);
     }
   }
   for (; k < n; ++k) {  // the tail, in the same order
     const float x = p.x[k];
-    const float m = kG ? p.e00[k] + p.s_i * (p.ei0[k] - p.e00[k]) + p.s_p * (p.eip[k] - p.ei0[k]) : p.m[k];
+    float m, di = 0.f, dp = 0.f;
+    if (kG == 1) {
+      m = p.e00[k] + p.s_i * (p.ei0[k] - p.e00[k]) + p.s_p * (p.eip[k] - p.ei0[k]);
+    } else if (kG == 2) {
+      di = p.ei0[k] - p.e00[k];
+      dp = p.eip[k] - p.ei0[k];
+      m = p.e00[k] + p.s_i * di + p.s_p * dp;
+    } else if (kG == 3) {
+      m = p.eip[k] + p.s_i * p.d_i[k] + p.s_p * p.d_p[k];
+    } else {
+      m = p.m[k];
+    }
     const float s = kS ? p.s[k] : 0.f, h0 = kH0 ? p.h0[k] : 0.f, h1 = kH1 ? p.h1[k] : 0.f;
     const float h2 = kH2 ? p.h2[k] : 0.f, a = kA ? p.a[k] : 0.f;
     const float q = r.qx * x + r.qm * m;
@@ -335,13 +391,17 @@ __attribute__((always_inline)) inline void fast_body(const StepRow& r, float pz,
     if (kA) o = o + r.oa * a;
     o = o + pz;
     if (kWQ) p.q[k] = q;
+    if (kG == 2) {
+      p.d_i[k] = di;
+      p.d_p[k] = dp;
+    }
     p.o[k] = o;
   }
 }
 
 using FastFn = void (*)(const StepRow&, float, int64_t, const FastIn&);
 
-template <bool kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
+template <int kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
 #if defined(__GNUC__) && defined(__x86_64__)
 __attribute__((target("avx2")))
 #endif
@@ -349,17 +409,24 @@ void fast_avx2(const StepRow& r, float pz, int64_t n, const FastIn& p) {
   fast_body<kG, kS, kH0, kH1, kH2, kA, kWQ>(r, pz, n, p);
 }
 
-template <bool kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
+template <int kG, bool kS, bool kH0, bool kH1, bool kH2, bool kA, bool kWQ>
 void fast_base(const StepRow& r, float pz, int64_t n, const FastIn& p) {
   fast_body<kG, kS, kH0, kH1, kH2, kA, kWQ>(r, pz, n, p);
 }
 
-// kMask bits: 0 s, 1 h0, 2 h1, 3 h2, 4 a, 5 guided, 6 write q.
+// kMask bits: 0 s, 1 h0, 2 h1, 3 h2, 4 a, 5-6 guidance_kind, 7 write q. A row that reads A updates
+// it, which the fast path does not do (fast_fn_for), so no mask with bit 4 is asked for: those entries
+// are not instantiated.
 template <int kMask>
 FastFn fast_fn() {
-  constexpr bool s = kMask & 1, h0 = kMask & 2, h1 = kMask & 4, h2 = kMask & 8, a = kMask & 16;
-  constexpr bool g = kMask & 32, wq = kMask & 64;
-  return cpu_has_avx2() ? &fast_avx2<g, s, h0, h1, h2, a, wq> : &fast_base<g, s, h0, h1, h2, a, wq>;
+  if constexpr ((kMask & 16) != 0) {
+    return nullptr;
+  } else {
+    constexpr bool s = kMask & 1, h0 = kMask & 2, h1 = kMask & 4, h2 = kMask & 8, a = false;
+    constexpr int g = (kMask >> 5) & 3;
+    constexpr bool wq = kMask & 128;
+    return cpu_has_avx2() ? &fast_avx2<g, s, h0, h1, h2, a, wq> : &fast_base<g, s, h0, h1, h2, a, wq>;
+  }
 }
 
 template <int... I>
@@ -369,8 +436,9 @@ FastFn pick_fast_fn(int mask, std::integer_sequence<int, I...>) {
 }
 
 // The fast function for a row, or nullptr when the row needs the general path (it saves the sample,
-// updates the accumulator, or has a non-finite coefficient). *pz: the signed zero to add.
-FastFn fast_fn_for(const StepRow& r, const StepBuffers& buf, bool guided, float* pz) {
+// updates the accumulator, or has a non-finite coefficient). guidance: guidance_kind. *pz: the signed
+// zero to add.
+FastFn fast_fn_for(const StepRow& r, const StepBuffers& buf, int guidance, float* pz) {
   if (r.save_sample) return nullptr;
   // any row that touches the accumulator updates it (as run_range and table_step_ref do), so the
   // state follows the table's contract bit for bit whichever path runs
@@ -379,10 +447,10 @@ FastFn fast_fn_for(const StepRow& r, const StepBuffers& buf, bool guided, float*
   int mask;
   bool plus_zero;
   if (!kept_terms(r, buf, &mask, &plus_zero)) return nullptr;
-  if (guided) mask |= 32;
-  if (r.write_slot >= 0) mask |= 64;
+  mask |= guidance << 5;
+  if (r.write_slot >= 0) mask |= 128;
   *pz = plus_zero ? 0.f : -0.f;
-  return pick_fast_fn(mask, std::make_integer_sequence<int, 128>{});
+  return pick_fast_fn(mask, std::make_integer_sequence<int, 256>{});
 }
 
 template <typename T>
@@ -392,6 +460,8 @@ void run_range_fast(FastFn fn, float pz, const StepRow& row, const StepBuffers& 
   constexpr bool kF32 = std::is_same<T, float>::value;
   const int64_t N = buf.numel;
   const bool need_x = row.ox != 0.f || row.qx != 0.f;
+  const bool cached = g.enabled && g.cache_mode == CacheMode::kCached;
+  const bool keep = g.enabled && g.cache_mode == CacheMode::kRefresh && g.cache != nullptr;
   auto in = [](float coef, const float* p, int64_t i) { return (coef != 0.f && p != nullptr) ? p + i : nullptr; };
   // fp32 reads and writes the buffers in place, so a block only ends at a frame boundary (guidance
   // scales are per frame); fp16 goes through kBlock-element scratch, as does a row without x (kZeros).
@@ -405,6 +475,10 @@ void run_range_fast(FastFn fn, float pz, const StepRow& row, const StepBuffers& 
       stop = std::min(stop, (f + 1) * g.frame_numel);
       p.s_i = g.scale_image[f];
       p.s_p = g.scale_pose[f];
+      if (cached) {
+        p.s_i = p.s_i - 1.f;
+        p.s_p = p.s_p - 1.f;
+      }
     }
     const int64_t n = stop - i;
     if (!need_x) {
@@ -415,7 +489,16 @@ void run_range_fast(FastFn fn, float pz, const StepRow& row, const StepBuffers& 
       IO<T>::load(buf.sample, i, n, xs);
       p.x = xs;
     }
-    if (g.enabled) {
+    if (cached) {  // eIP alone (numel elements) and the cache
+      if (kF32) {
+        p.eip = static_cast<const float*>(buf.model_output) + i;
+      } else {
+        IO<T>::load(buf.model_output, i, n, t1);
+        p.eip = t1;
+      }
+      p.d_i = g.cache + i;
+      p.d_p = g.cache + N + i;
+    } else if (g.enabled) {
       if (kF32) {
         p.e00 = static_cast<const float*>(buf.model_output) + i;
         p.eip = static_cast<const float*>(buf.model_output) + N + i;
@@ -425,6 +508,10 @@ void run_range_fast(FastFn fn, float pz, const StepRow& row, const StepBuffers& 
         IO<T>::load(buf.model_output, N + i, n, t1);
         IO<T>::load(buf.model_output, 2 * N + i, n, t2);
         p.e00 = t0, p.eip = t1, p.ei0 = t2;
+      }
+      if (keep) {
+        p.d_i = g.cache + i;
+        p.d_p = g.cache + N + i;
       }
     } else if (kF32) {
       p.m = static_cast<const float*>(buf.model_output) + i;
@@ -452,6 +539,7 @@ void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, in
   constexpr bool kF32 = std::is_same<T, float>::value;
   const int64_t N = buf.numel;
   const bool need_m_acc = buf.accumulator != nullptr && (row.akeep != 0.f || row.am != 0.f || row.oa != 0.f);
+  const int guidance = guidance_kind(g);
   BlockFn block = block_fn_for(row, buf);
   if (block == nullptr) block = &fused_block;
   int64_t i = begin;
@@ -474,7 +562,17 @@ void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, in
       IO<T>::load(buf.sample, i, n, xs);
       x = xs;
     }
-    if (g.enabled) {
+    if (guidance == 3) {  // eIP alone (numel elements) and the cache
+      const float* eip;
+      if (kF32) {
+        eip = static_cast<const float*>(buf.model_output) + i;
+      } else {
+        IO<T>::load(buf.model_output, i, n, t1);
+        eip = t1;
+      }
+      guidance_cached_block(n, s_i - 1.f, s_p - 1.f, eip, g.cache + i, g.cache + N + i, ms);
+      m = ms;
+    } else if (guidance != 0) {
       const float *e00, *eip, *ei0;
       if (kF32) {
         e00 = static_cast<const float*>(buf.model_output) + i;
@@ -486,7 +584,11 @@ void run_range(const StepRow& row, const StepBuffers& buf, const Guidance& g, in
         IO<T>::load(buf.model_output, 2 * N + i, n, t2);
         e00 = t0, eip = t1, ei0 = t2;
       }
-      guidance_block(n, s_i, s_p, e00, eip, ei0, ms);
+      if (guidance == 2) {
+        guidance_refresh_block(n, s_i, s_p, e00, eip, ei0, ms, g.cache + i, g.cache + N + i);
+      } else {
+        guidance_block(n, s_i, s_p, e00, eip, ei0, ms);
+      }
       m = ms;
     } else if (kF32) {
       m = static_cast<const float*>(buf.model_output) + i;
@@ -542,7 +644,7 @@ template <typename T>
 void run(const StepRow& row, const StepBuffers& buf, const Guidance& g, int num_threads) {
   const int64_t N = buf.numel;
   RangeJob<T> job{row, buf, g};
-  job.fast = fast_fn_for(row, buf, g.enabled, &job.pz);
+  job.fast = fast_fn_for(row, buf, guidance_kind(g), &job.pz);
   if (num_threads <= 0) num_threads = static_cast<int>(std::min<int64_t>(1 << 20, N / kGrainPerThread));
   if (num_threads <= 1 || N < 2 * kBlock) {
     job.range(0, N);

@@ -4,7 +4,9 @@
 
 - :func:`guided_step` / :func:`guided_step_ref`: three-branch guidance + one scheduler step from the
   coefficient table, in one pass (:mod:`dreampose_rt.kernels.fused_step`: kernel, launcher, public
-  function, reference). The runtime drives it through :class:`dreampose_rt.fused_sampler.FusedSampler`.
+  function, reference); with ``guidance_cache=`` also guidance caching's refresh steps (the cache
+  written) and cached steps (e(I,P) alone, the cache read). The runtime drives it through
+  :class:`dreampose_rt.fused_sampler.FusedSampler`.
 
 :func:`kernel_availability` says whether the kernel can run here, and on what or why not (an
 :class:`dreampose_rt.availability.Availability`); it never raises. The other names import triton on

@@ -9,6 +9,12 @@ every buffer once:
     out = ox*x + om*m + oq*q + os*S + oh0*H[0] + oh1*H[1] + oh2*H[2] + oa*A
     H[write_slot] <- q;  S <- x (save_sample);  A <- akeep*A + am*m
 
+Guidance caching (:mod:`dreampose.guidance`): with ``guidance_cache`` (fp32 ``(2, F, C, H, W)``) a
+*refresh* step (``3F`` rows, as above) also writes ``d_I = eI0 - e00`` and ``d_P = eIP - eI0`` to the
+cache in the same pass, and a *cached* step gets ``F`` rows (eIP alone) and reads them instead:
+
+    m   = eIP + (s_I - 1) * d_I + (s_p - 1) * d_P                       (combine_cached)
+
 with the coefficients of row ``k`` of the run's coefficient table (layout and rules:
 :mod:`dreampose_rt.scheduler.table`, read here through its column constants). The table, the step
 index ``k`` and the guidance scales are read from device memory, so a whole denoising loop can be
@@ -37,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dreampose.guidance import NUM_BRANCHES, combine_guidance
+from dreampose.guidance import NUM_BRANCHES, combine_cached, combine_guidance, guidance_differences
 
 from ..scheduler.table import (
     AKEEP,
@@ -74,17 +80,23 @@ _MAX_HISTORY = tl.constexpr(MAX_HISTORY)
 # ------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["step_value", "num_steps"])
 def _guided_step_kernel(
-    out_ptr, x_ptr, e_ptr, h_ptr, s_ptr, a_ptr,  # sample-sized buffers (see the launcher)
+    out_ptr, x_ptr, e_ptr, h_ptr, s_ptr, a_ptr, c_ptr,  # sample-sized buffers (see the launcher)
     table_ptr, step_ptr, si_ptr, sp_ptr,  # run parameters in device memory
     step_value, si_value, sp_value,  # the same as host scalars (STEP_FROM_PTR / SCALES_FROM_PTR False)
     num_steps, num_frames, frame_numel, num_slots,
-    stride_out_f, stride_x_f, stride_e_f, stride_h_slot, stride_h_f, stride_s_f, stride_a_f, stride_scale,
+    stride_out_f, stride_x_f, stride_e_f, stride_h_slot, stride_h_f, stride_s_f, stride_a_f,
+    stride_c_half, stride_c_f, stride_scale,
     STEP_FROM_PTR: tl.constexpr, SCALES_FROM_PTR: tl.constexpr,
     HAS_HISTORY: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_ACC: tl.constexpr,
+    HAS_CACHE: tl.constexpr, CACHED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(frame_numel, BLOCK), num_frames)``: program (i, f) updates elements
-    ``[i*BLOCK, (i+1)*BLOCK)`` (memory order) of frame f in every buffer."""
+    ``[i*BLOCK, (i+1)*BLOCK)`` (memory order) of frame f in every buffer.
+
+    HAS_CACHE: ``c_ptr`` is the guidance cache (``[0]`` d_I, ``[1]`` d_P, ``stride_c_half`` apart);
+    CACHED (with HAS_CACHE): ``e_ptr`` holds eIP alone (F rows) and the cache is read, else the three
+    branches are read and, with HAS_CACHE, the cache written (a refresh)."""
     # (Element masks combine with scalar conditions through tl.where: `tensor & scalar` is not
     # supported by the CPU interpreter of Triton 3.9.)
     pid = tl.program_id(0)
@@ -119,19 +131,28 @@ def _guided_step_kernel(
     mask = offs < frame_numel
     keep = tl.where(bad, False, mask)  # state writes
 
-    # -- reads: x, the three branches, then the state terms the row uses -------------------------
+    # -- reads: x, the three branches (or eIP and the cache), then the state terms the row uses ----
     x = tl.load(x_ptr + f * stride_x_f + offs, mask=mask, other=0.0).to(tl.float32)
-    e00 = tl.load(e_ptr + f * stride_e_f + offs, mask=mask, other=0.0).to(tl.float32)
-    eip = tl.load(e_ptr + (f + num_frames) * stride_e_f + offs, mask=mask, other=0.0).to(tl.float32)
-    ei0 = tl.load(e_ptr + (f + 2 * num_frames) * stride_e_f + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CACHE:
+        c_base = c_ptr + f * stride_c_f + offs
+    if CACHED:
+        eip = tl.load(e_ptr + f * stride_e_f + offs, mask=mask, other=0.0).to(tl.float32)
+        d_i = tl.load(c_base, mask=mask, other=0.0)
+        d_p = tl.load(c_base + stride_c_half, mask=mask, other=0.0)
+    else:
+        e00 = tl.load(e_ptr + f * stride_e_f + offs, mask=mask, other=0.0).to(tl.float32)
+        eip = tl.load(e_ptr + (f + num_frames) * stride_e_f + offs, mask=mask, other=0.0).to(tl.float32)
+        ei0 = tl.load(e_ptr + (f + 2 * num_frames) * stride_e_f + offs, mask=mask, other=0.0).to(tl.float32)
     if SCALES_FROM_PTR:
         s_i = tl.load(si_ptr + f * stride_scale)
         s_p = tl.load(sp_ptr + f * stride_scale)
     else:
         s_i = si_value
         s_p = sp_value
-    # guidance, in the order of combine_guidance
-    m = e00 + s_i * (ei0 - e00) + s_p * (eip - ei0)
+    if CACHED:  # in the order of combine_cached
+        m = eip + (s_i - 1.0) * d_i + (s_p - 1.0) * d_p
+    else:  # in the order of combine_guidance
+        m = e00 + s_i * (ei0 - e00) + s_p * (eip - ei0)
 
     # q = (0 + qx*x) + qm*m; out accumulates left to right; zero coefficients skip their term
     q = tl.where(qx != 0.0, qx * x, 0.0)
@@ -156,6 +177,9 @@ def _guided_step_kernel(
         o = tl.where(oa != 0.0, o + oa * acc, o)
 
     # -- writes: state (after every read of these elements), then out -----------------------------
+    if HAS_CACHE and not CACHED:  # a refresh keeps the differences (guidance_differences)
+        tl.store(c_base, ei0 - e00, mask=keep)
+        tl.store(c_base + stride_c_half, eip - ei0, mask=keep)
     if HAS_HISTORY:
         slot = tl.maximum(write_slot, 0).to(tl.int64)
         tl.store(h_base + slot * stride_h_slot, q, mask=tl.where(write_slot >= 0, keep, False))
@@ -281,6 +305,7 @@ def _guided_step_fwd(
     scale_pose: float | torch.Tensor,
     state: StepState,
     out: torch.Tensor | None,
+    guidance_cache: torch.Tensor | None,
 ) -> torch.Tensor:
     """Check every argument (ValueError naming it), allocate ``out`` if needed, launch."""
     if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
@@ -305,7 +330,20 @@ def _guided_step_fwd(
 
     if not isinstance(unet_out, torch.Tensor):
         raise ValueError(f"unet_out must be a torch.Tensor, got {type(unet_out).__name__}")
-    _check_buffer("unet_out", unet_out, (NUM_BRANCHES * frames, c, h, w), dtype, device, layout, 1)
+    # F rows (F > 0): a cached step, eIP alone; else the three branches
+    cached = unet_out.dim() == 4 and unet_out.shape[0] == frames > 0
+    if cached and guidance_cache is None:
+        raise ValueError(
+            f"guidance_cache is required: unet_out has shape {tuple(unet_out.shape)}, the {frames} rows of latents "
+            f"(a cached step: e(I,P) alone); without a cache it holds the three branches, expected "
+            f"{(NUM_BRANCHES * frames, c, h, w)}"
+        )
+    rows = frames if cached else NUM_BRANCHES * frames
+    _check_buffer("unet_out", unet_out, (rows, c, h, w), dtype, device, layout, 1)
+    if guidance_cache is not None:
+        _check_buffer("guidance_cache", guidance_cache, (2,) + sample_shape, torch.float32, device, layout, 2)
+        if _rows_overlap(guidance_cache.shape[:2], guidance_cache.stride()[:2], row_numel):
+            raise ValueError(f"guidance_cache has strides {guidance_cache.stride()}: its halves or frames overlap")
 
     if not isinstance(table, torch.Tensor):
         raise ValueError(f"table must be a torch.Tensor, got {type(table).__name__}")
@@ -372,27 +410,39 @@ def _guided_step_fwd(
                 t0, t1 = _span(t)
                 if o0 < t1 and t0 < o1:
                     raise ValueError(f"out overlaps {name} (only out=latents, exactly, may alias)")
+    if guidance_cache is not None and guidance_cache.numel():
+        c0, c1 = _span(guidance_cache)
+        others = [("out", out), ("latents", latents), ("unet_out", unet_out), ("state.history", hist)]
+        others += [("state.saved_sample", saved), ("state.accumulator", acc)]
+        for name, t in others:
+            if t is not None and t.numel():
+                t0, t1 = _span(t)
+                if c0 < t1 and t0 < c1:
+                    raise ValueError(f"guidance_cache overlaps {name} (it must be a buffer of its own)")
     if frames == 0 or row_numel == 0:
         return out
 
     block, num_warps = _pick_block(row_numel, frames, device)
     grid = (triton.cdiv(row_numel, block), frames)
     dummy = out  # stands in for absent buffers; never dereferenced (constexpr flags)
+    cache = guidance_cache
     args = (
         out, latents, unet_out,
         hist if hist is not None else dummy, saved if saved is not None else dummy,
-        acc if acc is not None else dummy,
+        acc if acc is not None else dummy, cache if cache is not None else dummy,
         table, step_tensor if step_tensor is not None else table,
         si_tensor if si_tensor is not None else table, sp_tensor if sp_tensor is not None else table,
         step_value, si_value, sp_value,
         num_steps, frames, row_numel, num_slots,
         out.stride(0), latents.stride(0), unet_out.stride(0),
         hist.stride(0) if hist is not None else 0, hist.stride(1) if hist is not None else 0,
-        saved.stride(0) if saved is not None else 0, acc.stride(0) if acc is not None else 0, si_stride,
+        saved.stride(0) if saved is not None else 0, acc.stride(0) if acc is not None else 0,
+        cache.stride(0) if cache is not None else 0, cache.stride(1) if cache is not None else 0, si_stride,
     )  # fmt: skip
     flags = dict(
         STEP_FROM_PTR=step_tensor is not None, SCALES_FROM_PTR=si_tensor is not None,
         HAS_HISTORY=hist is not None, HAS_SAVED=saved is not None, HAS_ACC=acc is not None,
+        HAS_CACHE=cache is not None, CACHED=cached,
         BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     if device.type == "cuda":
@@ -420,12 +470,14 @@ def guided_step(
     scale_pose: float | torch.Tensor,
     state: StepState,
     out: torch.Tensor | None = None,
+    guidance_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dual-guidance combine and scheduler step ``k`` in one pass (Triton).
 
     Args:
         unet_out: ``(3F, C, H, W)`` UNet output, branch-major (``[0:F]`` e00, ``[F:2F]`` eIP,
-            ``[2F:3F]`` eI0), same dtype as ``latents`` (float32, float16 or bfloat16).
+            ``[2F:3F]`` eI0), same dtype as ``latents`` (float32, float16 or bfloat16); or, for a cached
+            step (``guidance_cache`` required), ``(F, C, H, W)``: eIP alone.
         latents: ``(F, C, H, W)`` current sample x.
         table: ``(num_steps, NUM_COLUMNS)`` float32 coefficient table of the run, on the device.
         step: the step index k: a Python int, or a 1-element int32/int64 device tensor (read by the
@@ -436,11 +488,17 @@ def guided_step(
             ``accumulator`` ``(F, C, H, W)`` or None as :class:`TableInfo` says; updated in place.
         out: ``(F, C, H, W)`` in the dtype of ``latents``; may be ``latents`` itself. Given, the call
             allocates nothing and never synchronises (capturable in a CUDA graph).
+        guidance_cache: ``(2, F, C, H, W)`` float32 (:mod:`dreampose.guidance`), the element order of
+            ``latents`` in each of its ``2F`` rows, a buffer of its own: ``[0]`` = d_I = eI0 - e00,
+            ``[1]`` = d_P = eIP - eI0. With a ``3F``-row ``unet_out`` (a refresh) the kernel writes it in
+            the same pass (``out`` as without a cache); with an ``F``-row one (a cached step) it reads it:
+            ``m = eIP + (s_I - 1) * d_I + (s_p - 1) * d_P``. A step index outside the table leaves it
+            unchanged, like the state.
 
     Returns:
         ``out``: ``(F, C, H, W)`` the next sample, dtype of ``latents``. Arithmetic is fp32.
     """
-    return _guided_step_fwd(unet_out, latents, table, step, scale_image, scale_pose, state, out)
+    return _guided_step_fwd(unet_out, latents, table, step, scale_image, scale_pose, state, out, guidance_cache)
 
 
 def guided_step_ref(
@@ -452,25 +510,40 @@ def guided_step_ref(
     scale_pose: float | torch.Tensor,
     state: StepState,
     out: torch.Tensor | None = None,
+    guidance_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch reference of :func:`guided_step` (same signature and shapes):
-    :func:`dreampose.guidance.combine_guidance` (fp32, not rounded) then
+    :func:`dreampose.guidance.combine_guidance` (fp32, not rounded; with ``guidance_cache``, a refresh,
+    also ``guidance_cache.copy_(guidance_differences(unet_out, F))``), or for an ``F``-row ``unet_out``
+    :func:`dreampose.guidance.combine_cached` with ``guidance_cache``, then
     :func:`dreampose_rt.scheduler.table.table_step_ref` with ``table[step]``. Synchronises (reads
     ``step`` and the row on the host); raises on a step outside the table instead of writing NaN.
 
-    Shapes: unet_out ``(3F, C, H, W)``, latents ``(F, C, H, W)``, table ``(num_steps, NUM_COLUMNS)``,
-    scales float / ``()`` / ``(1,)`` / ``(F,)``, state as in :func:`guided_step`, out ``(F, C, H, W)``.
+    Shapes: unet_out ``(3F, C, H, W)`` (or ``(F, C, H, W)``: a cached step), latents ``(F, C, H, W)``,
+    table ``(num_steps, NUM_COLUMNS)``, scales float / ``()`` / ``(1,)`` / ``(F,)``, state as in
+    :func:`guided_step`, out ``(F, C, H, W)``, guidance_cache ``(2, F, C, H, W)`` float32.
     Returns the next sample ``(F, C, H, W)`` in the dtype of ``latents``.
     """
     frames = latents.shape[0]
     k = int(step.reshape(()).item()) if isinstance(step, torch.Tensor) else int(step)
     if not 0 <= k < table.shape[0]:
         raise ValueError(f"step {k} is outside the table's {table.shape[0]} steps")
+    cached = unet_out.shape[0] == frames > 0
+    if cached and guidance_cache is None:
+        raise ValueError(
+            f"guidance_cache is required: unet_out has shape {tuple(unet_out.shape)}, the {frames} rows of latents "
+            f"(a cached step: e(I,P) alone)"
+        )
 
     def as_scale(s: float | torch.Tensor) -> float | torch.Tensor:
         return s.reshape(()) if isinstance(s, torch.Tensor) and s.numel() == 1 else s
 
-    m = combine_guidance(unet_out, frames, as_scale(scale_image), as_scale(scale_pose))
+    if cached:
+        m = combine_cached(unet_out, guidance_cache, as_scale(scale_image), as_scale(scale_pose))
+    else:
+        m = combine_guidance(unet_out, frames, as_scale(scale_image), as_scale(scale_pose))
+        if guidance_cache is not None:
+            guidance_cache.copy_(guidance_differences(unet_out, frames))
     return table_step_ref(table[k].cpu(), m, latents, state, out=out)
 
 

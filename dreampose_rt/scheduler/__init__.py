@@ -6,6 +6,8 @@
     for t in sched.timesteps:
         eps = unet(sched.scale_model_input(x, t), t)        # (3F, 4, h, w), branch-major
         x = sched.step_guided(eps, t, x, s_image, s_pose).prev_sample
+    # guidance caching: step_guided(eps, t, x, s_image, s_pose, guidance_cache=cache) with eps (3F, ...)
+    # refreshes the (2, F, 4, h, w) fp32 cache, with eps (F, ...) (e(I,P) alone) reads it
 
 ``implementation=`` ("auto", "cpp", "python": :data:`IMPLEMENTATIONS`) chooses the C++ core
 (``dreampose_rt._C``) or the pure-Python one (:mod:`.python_core`); :func:`native_core_availability`
@@ -33,6 +35,7 @@ from .table import (
     NUM_COLUMNS,
     StepState,
     TableInfo,
+    guidance_cached_ref,
     guidance_combine_ref,
     table_step_ref,
 )
@@ -53,6 +56,7 @@ __all__ = [
     "StepState",
     "TableInfo",
     "create_scheduler",
+    "guidance_cached_ref",
     "guidance_combine_ref",
     "native_core",
     "native_core_availability",

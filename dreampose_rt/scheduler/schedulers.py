@@ -21,11 +21,21 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from dreampose.guidance import guidance_differences
+
 from .. import _ext
 from ..availability import Availability
 from . import python_core
 from .config import SchedulerConfig
-from .table import COLUMNS, NUM_COLUMNS, StepState, TableInfo, guidance_combine_ref, table_step_ref
+from .table import (
+    COLUMNS,
+    NUM_COLUMNS,
+    StepState,
+    TableInfo,
+    guidance_cached_ref,
+    guidance_combine_ref,
+    table_step_ref,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -330,23 +340,32 @@ class DiffusionScheduler:
         scale_image: torch.Tensor | None,
         scale_pose: torch.Tensor | None,
         out: torch.Tensor | None = None,
+        cache: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Step ``k`` after the checks (the checked path): scales are ``(F,)`` float32 tensors on the
-        sample's device (or None). CPU fp32/fp16 samples with frames go to the C++ data plane (binding it to
-        this run's state first if needed); anything else, to the PyTorch table step (same coefficients)."""
+        sample's device (or None); ``cache``: the checked guidance cache of a refresh step (model_output
+        has 3F rows) or a cached step (F rows). CPU fp32/fp16 samples with frames go to the C++ data plane
+        (binding it to this run's state first if needed); anything else, to the PyTorch table step (same
+        coefficients)."""
         state = self._state_for(sample)
         if self._native_ok(model_output, sample):
             x = sample.detach().contiguous()
             m = model_output.detach().contiguous()
             out = torch.empty_like(x) if out is None else out
             prev = self._bind(x).step(
-                k, sample=x, model_output=m, out=out, scale_image=scale_image, scale_pose=scale_pose
+                k, sample=x, model_output=m, out=out, scale_image=scale_image, scale_pose=scale_pose,
+                guidance_cache=cache,
             )
             if prev is not None:
                 return prev
             # (None: a tensor the binding does not take as it is, e.g. a subclass: the PyTorch step below)
         if scale_image is not None:
-            model_output = guidance_combine_ref(model_output, scale_image, scale_pose)
+            if cache is not None and model_output.shape[0] == sample.shape[0] != 0:  # cached: e(I,P) alone
+                model_output = guidance_cached_ref(model_output, cache, scale_image, scale_pose)
+            else:
+                if cache is not None:  # refresh: keep the differences
+                    cache.copy_(guidance_differences(model_output, sample.shape[0]))
+                model_output = guidance_combine_ref(model_output, scale_image, scale_pose)
         return table_step_ref(self._rows[k], model_output, sample, state, out)
 
     @staticmethod
@@ -362,6 +381,38 @@ class DiffusionScheduler:
             )
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
+
+    @staticmethod
+    def _check_cache(
+        cache: torch.Tensor, sample: torch.Tensor, model_output: torch.Tensor, out: torch.Tensor | None
+    ) -> None:
+        """The guidance cache: float32, ``(2, *sample.shape)``, contiguous, on the sample's device, a buffer
+        of its own (the C++ binding's checks, with its messages)."""
+        if not isinstance(cache, torch.Tensor):
+            kind = type(cache)
+            kind = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+            raise ValueError(f"guidance_cache must be a torch tensor, got {kind}")
+        if cache.device != sample.device:
+            raise ValueError(f"guidance_cache is on {cache.device}, the sample on {sample.device}")
+        if cache.dtype != torch.float32:
+            raise ValueError(f"guidance_cache must be torch.float32, got {cache.dtype}")
+        want = (2, *sample.shape)
+        if tuple(cache.shape) != want:
+            raise ValueError(
+                f"guidance_cache has shape {tuple(cache.shape)}, expected {want} (d_I and d_P, each shaped like "
+                f"the sample)"
+            )
+        if not cache.is_contiguous():
+            raise ValueError("guidance_cache must be contiguous (call .contiguous())")
+        c0 = cache.data_ptr()
+        c1 = c0 + cache.numel() * cache.element_size()
+        for name, t in (("sample", sample), ("model_output", model_output), ("out", out)):
+            if t is None or t.numel() == 0:
+                continue
+            last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # (no negative strides in torch)
+            t0 = t.data_ptr()
+            if t0 < c1 and c0 < t0 + (last + 1) * t.element_size():
+                raise ValueError(f"guidance_cache overlaps {name} (guidance_cache must be a buffer of its own)")
 
     @staticmethod
     def _check_pair(model_output: torch.Tensor, sample: torch.Tensor, rows: int) -> None:
@@ -423,14 +474,23 @@ class DiffusionScheduler:
         guidance_scale_pose: float | torch.Tensor,
         return_dict: bool = True,
         out: torch.Tensor | None = None,
+        guidance_cache: torch.Tensor | None = None,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
         """Three-branch guidance combine fused with :meth:`step` (one pass over memory on the CPU).
 
         model_output: ``(3F, C, H, W)`` branch-major: rows ``[0:F]`` e00 (null image, null pose),
-            ``[F:2F]`` eIP (image + pose), ``[2F:3F]`` eI0 (image, null pose).
+            ``[F:2F]`` eIP (image + pose), ``[2F:3F]`` eI0 (image, null pose); or, for a cached step,
+            ``(F, C, H, W)``: eIP alone.
         sample: ``(F, C, H, W)``. guidance_scale_image (s_I), guidance_scale_pose (s_p): floats or ``(F,)``.
         The guided output is ``e00 + s_I * (eI0 - e00) + s_p * (eIP - eI0)``.
-        Returns prev_sample ``(F, C, H, W)`` like :meth:`step` (``out``: as in :meth:`step`).
+        out: as in :meth:`step`.
+        guidance_cache: ``(2, F, C, H, W)`` float32, contiguous, on the sample's device
+            (:mod:`dreampose.guidance`): ``[0]`` = d_I = eI0 - e00, ``[1]`` = d_P = eIP - eI0. With a 3F-row
+            model_output the step is a *refresh*: as without a cache (the same bits) and the cache is
+            overwritten with the step's differences. With an F-row model_output the step is *cached*: the
+            guided output is ``eIP + (s_I - 1) * d_I + (s_p - 1) * d_P`` from the cache of the last refresh
+            (required; only read).
+        Returns prev_sample ``(F, C, H, W)`` like :meth:`step`.
         """
         k = self._step_index
         if not (type(timestep) is int and k is not None and k < self._num_steps and timestep == self._timesteps_list[k]):
@@ -438,15 +498,30 @@ class DiffusionScheduler:
         bound = self._bound
         ti, tp = type(guidance_scale_image), type(guidance_scale_pose)
         if bound is not None and (ti is float or ti is int) and (tp is float or tp is int):
-            # Fast path, as in step(), for scalar guidance scales.
-            prev = bound.step(k, sample, model_output, out, guidance_scale_image, guidance_scale_pose)
+            # Fast path, as in step(), for scalar guidance scales (the cache, when given, is checked in C++).
+            if guidance_cache is None:
+                prev = bound.step(k, sample, model_output, out, guidance_scale_image, guidance_scale_pose)
+            else:
+                prev = bound.step(k, sample, model_output, out, guidance_scale_image, guidance_scale_pose,
+                                  guidance_cache)  # fmt: skip
             if prev is not None:
                 self._step_index = k + 1
                 return SchedulerOutput(prev) if return_dict else (prev,)
+        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+            raise ValueError("model_output and sample must be torch tensors")
         if sample.dim() < 1:
             raise ValueError("sample must have a frame dimension")
-        self._check_pair(model_output, sample, 3)
         frames = sample.shape[0]
+        # F rows (the sample's, F > 0): a cached step, e(I,P) alone
+        cached = model_output.dim() == sample.dim() and model_output.shape[0] == frames != 0
+        if cached and guidance_cache is None:
+            want = (3 * frames,) + tuple(sample.shape[1:])
+            raise ValueError(
+                f"guidance_cache is required: model_output has shape {tuple(model_output.shape)}, the sample's "
+                f"{frames} rows (a cached step: e(I,P) alone); without a cache it holds the three branches, "
+                f"expected {want}"
+            )
+        self._check_pair(model_output, sample, 1 if cached else 3)
         on_cpu = sample.device.type == "cpu"
         scales = []
         for name, s in (("guidance_scale_image", guidance_scale_image), ("guidance_scale_pose", guidance_scale_pose)):
@@ -461,7 +536,9 @@ class DiffusionScheduler:
                 t = t.to("cpu").contiguous() if on_cpu else t.to(sample.device)
             scales.append(t)
         self._check_out(out, sample)
-        prev = self._apply(k, model_output, sample, scales[0], scales[1], out)
+        if guidance_cache is not None:
+            self._check_cache(guidance_cache, sample, model_output, out)
+        prev = self._apply(k, model_output, sample, scales[0], scales[1], out, guidance_cache)
         self._step_index = k + 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 

@@ -14,6 +14,9 @@ Buffers (all ``numel`` = the sample's number of elements, contiguous)
   UNet output ``(3F, C, H, W)`` is combined first, per element:
   ``m = e00 + s_I * (eI0 - e00) + s_p * (eIP - eI0)`` where rows ``[0:F]`` are e00 (null image,
   null pose), ``[F:2F]`` eIP (image + pose), ``[2F:3F]`` eI0 (image, null pose); ``s_I, s_p`` per frame.
+  With guidance caching (:mod:`dreampose.guidance`) a *refresh* step combines the same way and also
+  writes the fp32 cache ``(2, F, C, H, W)``: ``[0]`` = d_I = eI0 - e00, ``[1]`` = d_P = eIP - eI0; a
+  *cached* step gets eIP alone (``F`` rows) and ``m = eIP + (s_I - 1) * d_I + (s_p - 1) * d_P``.
 - ``H[0..MAX_HISTORY-1]``: history ring, fp32, ``(MAX_HISTORY or fewer, numel)``: past ``q`` values.
 - ``S``: saved sample, fp32 (PNDM keeps the sample of the first evaluation of a step).
 - ``A``: accumulator, fp32 (PNDM's Runge-Kutta sum of slopes).
@@ -62,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dreampose.guidance import combine_guidance
+from dreampose.guidance import combine_cached, combine_guidance
 
 COLUMNS: tuple[str, ...] = (
     "timestep", "qx", "qm", "ox", "om", "oq", "os", "oh0", "oh1", "oh2",
@@ -127,6 +130,25 @@ def guidance_combine_ref(
         raise ValueError(f"model_output has {model_output.shape[0]} rows; expected 3F (three guidance branches)")
     f = model_output.shape[0] // 3
     return combine_guidance(model_output, f, scale_image, scale_pose).to(model_output.dtype)
+
+
+def guidance_cached_ref(
+    model_output: torch.Tensor,
+    cache: torch.Tensor,
+    scale_image: float | torch.Tensor,
+    scale_pose: float | torch.Tensor,
+) -> torch.Tensor:
+    """The guided output of a cached step in plain PyTorch (fp32 arithmetic, result in the input dtype, as
+    :func:`guidance_combine_ref` rounds it).
+
+    model_output: ``(F, C, H, W)``: eIP alone (the image-and-pose branch).
+    cache: ``(2, F, C, H, W)`` float32 from the last refresh step: ``[0]`` = eI0 - e00, ``[1]`` = eIP - eI0
+        (:func:`dreampose.guidance.guidance_differences`).
+    scale_image, scale_pose: floats or ``(F,)`` tensors (one per frame).
+    Returns ``(F, C, H, W)``: ``eIP + (s_I - 1) * d_I + (s_p - 1) * d_P``
+    (:func:`dreampose.guidance.combine_cached`).
+    """
+    return combine_cached(model_output, cache, scale_image, scale_pose).to(model_output.dtype)
 
 
 def table_step_ref(
