@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Sequence
 
-from dreampose.settings import PRECISIONS, SCHEDULER_NAMES
+from dreampose.settings import PRECISIONS, QUALITY_PRESETS, SCHEDULER_NAMES
 
 from .suite import RUNTIME_BACKENDS, VARIANTS
 
@@ -35,8 +35,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .report import markdown, write_outputs
     from .suite import BenchSettings, model_config, run_suite
 
-    sampling = SamplingSettings.for_model(model_config(args.model), scheduler=args.scheduler, steps=args.steps,
-                                          seed=args.seed)
+    sampling = SamplingSettings.for_model(model_config(args.model), quality=args.quality, scheduler=args.scheduler,
+                                          steps=args.steps, seed=args.seed)
     settings = BenchSettings(
         device=args.device, model=args.model, frames=args.frames, frames_per_batch=args.frames_per_batch,
         sampling=sampling, model_seed=args.model_seed, baseline_steps=args.baseline_steps,
@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=4, help="frames T of the batched render (default: 4)")
     p.add_argument("--frames-per-batch", type=int, default=None,
                    help="frames per UNet call in the batched render (default: T; engines: at most their max)")
-    p.add_argument("--steps", type=int, default=100, help="denoising steps of the runtime backends (default: 100)")
-    p.add_argument("--scheduler", default="pndm", choices=SCHEDULER_NAMES,
+    p.add_argument("--quality", default="exact", choices=tuple(QUALITY_PRESETS),
+                   help="the runtime backends' quality preset (scheduler, steps, caching; docs/quality.md; default: exact)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of the runtime backends (default: the preset's)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
                    help="scheduler of the runtime backends (the baseline always runs diffusers' PNDM)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="PNDM steps of the baseline (default: --steps; the original release: 100)")

@@ -5,9 +5,11 @@
 #
 #   bash benchmarks/gpu_session.sh [SECONDS [STEP ...]]
 #
-# SECONDS: the script's own deadline (default 500); STEPs: which of tests, bench_unet, fused_step, compile,
-# suite, suite_cl to run, in that order (default: all but suite_cl). The order puts first what the last
-# device runs (2026-11-26) left unmeasured; the suite's numbers from then are in benchmarks/results/.
+# SECONDS: the script's own deadline (default 500); STEPs: which of tests, presets, bench_unet, fused_step,
+# compile, suite, suite_cl to run, in that order (default: all but suite_cl). The order puts first what is
+# most needed: the CUDA tests, then the quality presets at SD 1.5 size (balanced and fast: one frame and
+# batched, issue 16), then what the last device runs (2026-11-26) left unmeasured; the suite's exact
+# numbers from then are in benchmarks/results/.
 #
 # The GPU image has torch, triton, onnx, onnxruntime (CPU), transformers, accelerate, safetensors and
 # pybind11, but no diffusers or onnx-graphsurgeon. Prepare them as wheels first (here):
@@ -22,7 +24,8 @@
 # 8 files); unpack it into benchmarks/results/ and commit what it measured, with the device's name.
 #
 # Steps, in order: the package (the C++ extension builds in the background during the tests, and is
-# waited for before anything is timed); the device's facts; the CUDA tests (pytest -m gpu); one UNet
+# waited for before anything is timed); the device's facts; the CUDA tests (pytest -m gpu); the balanced
+# and fast presets on the SD 1.5-size model (the torch backend, graphs per kind of step); one UNet
 # call per precision / layout / attention kernel (bench_unet); the fused step (Triton); torch.compile
 # of the UNet (about a minute per shape); the suite at the paper's settings on the SD 1.5-size model
 # (baseline vs the torch backend; suite_cl: the torch backend with channels_last).
@@ -32,8 +35,8 @@ cd "$(dirname "$0")/.."
 START=$SECONDS
 DEADLINE=${1:-500}
 shift || true
-STEPS="tests bench_unet fused_step compile suite suite_cl"
-WANT=" ${*:-tests bench_unet fused_step compile suite} "
+STEPS="tests presets bench_unet fused_step compile suite suite_cl"
+WANT=" ${*:-tests presets bench_unet fused_step compile suite} "
 [[ $DEADLINE =~ ^[0-9]+$ ]] || { echo "gpu_session.sh: the deadline must be a number of seconds, got '$DEADLINE'" >&2; exit 2; }
 for s in $WANT; do
   [[ " $STEPS " == *" $s "* ]] || { echo "gpu_session.sh: unknown step '$s' (steps: $STEPS)" >&2; exit 2; }
@@ -78,6 +81,9 @@ step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -o addopts
 while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 30 ]; do sleep 1; done
 kill -0 $BUILD 2>/dev/null && { pkill -P $BUILD; kill $BUILD; echo "== build_ext: stopped at the deadline" | tee -a "$R/steps.txt"; }
 timeout 60 python3 -m dreampose_rt.info > "$R/info.txt" 2>&1
+step presets 150 bash -c "python3 -m benchmarks --device cuda --model sd15 --frames 8 --quality balanced \
+  --backends torch --repeats 2 --warmup 1 --no-micro --out-dir '$R' && python3 -m benchmarks --device cuda \
+  --model sd15 --frames 8 --quality fast --backends torch --repeats 3 --warmup 1 --no-micro --out-dir '$R'"
 step bench_unet 130 python3 -m benchmarks.bench_unet --model sd15 --batches 3 24 \
   --variants fp16,fp16-cl,bf16-cl,fp16-flash,fp16-efficient,fp16-cudnnattn --rounds 5 --results "$R"
 step fused_step 40 python3 -m benchmarks.bench_fused_step --frames 1 4 16 --dtype fp16 --rounds 20 \

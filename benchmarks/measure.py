@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import importlib.metadata
 import itertools
@@ -30,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+from dreampose.flops import count_flops, dreampose_flops, meta_copy  # noqa: F401  (the benchmarks' names)
 
 logger = logging.getLogger(__name__)
 
@@ -178,48 +179,6 @@ def module_bytes(module: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------------
 # FLOPs
 # --------------------------------------------------------------------------------------------------
-def meta_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose parameters and buffers live on the meta device (no memory)."""
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        m = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-    return copy.deepcopy(module, memo)
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs (2 per multiply-add: matmuls, convolutions, attention) of ``fn()``, run under FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def dreampose_flops(model) -> dict[str, int]:
-    """FLOPs of a DreamPose model's networks at its resolution, counted on a meta copy.
-
-    Returns:
-        ``unet_per_sample``: one UNet sample (latents (1, 4, h, w) + pose window; a frame costs 3 samples
-        per call), ``vae_decode_per_frame`` and ``encode_per_subject`` (image + null-image conditioning).
-    """
-    meta = meta_copy(model)
-    c = model.config
-    h, w = model.latent_size
-    tokens, dim = model.adapter.config.clip_tokens, model.adapter.config.clip_dim
-    dev = torch.device("meta")
-    n = 3  # the batch the UNet really sees at one frame; FLOPs are linear in the batch
-    x = torch.empty(n, model.latent_channels, h, w, device=dev)
-    pose = torch.empty(n, c.pose_window_channels, h, w, device=dev)
-    ehs = torch.empty(n, tokens, dim, device=dev)
-    t = torch.tensor(500, device=dev)
-    unet = count_flops(lambda: meta.predict_noise(x, pose, t, ehs)) // n
-    decode = count_flops(lambda: meta.decode(torch.empty(1, model.latent_channels, h, w, device=dev)))
-    pixels = torch.empty(1, 3, c.height, c.width, device=dev)
-    encode = count_flops(lambda: (meta.encode_image(pixels), meta.encode_null_image(1)))
-    return {"unet_per_sample": unet, "vae_decode_per_frame": decode, "encode_per_subject": encode}
-
-
 def device_peak_tflops(name: str) -> tuple[float | None, str]:
     """(dense fp16/bf16 TFLOP/s, source) for a GPU name, or (None, why not) when it is not in the table."""
     for key, tflops, source in PEAK_TFLOPS:

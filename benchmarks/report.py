@@ -22,11 +22,14 @@ _COLOURS = {"one_frame": (70, 110, 190), "batched": (235, 140, 50)}
 
 
 def output_stem(result: dict[str, Any]) -> str:
-    """``bench_<device>_<model>_<date>``: e.g. bench_nvidia-h100-80gb-hbm3_sd15_2026-11-27."""
+    """``bench_<device>_<model>[_<quality>][_channels-last]_<date>``: e.g. bench_nvidia-h100-80gb-hbm3_sd15_2026-11-27,
+    bench_nvidia-h200_sd15_balanced_2026-12-03 (the quality when it is not the exact preset)."""
     dev = result["device"]
     device = "cpu" if dev["type"] == "cpu" else slug(dev["name"])
+    quality = _sampling(result["settings"]).get("quality", "exact")
+    quality = f"_{slug(quality)}" if quality != "exact" else ""
     layout = "_channels-last" if result["settings"].get("channels_last") else ""
-    return f"bench_{device}_{slug(result['model']['name'])}{layout}_{result['date'][:10]}"
+    return f"bench_{device}_{slug(result['model']['name'])}{quality}{layout}_{result['date'][:10]}"
 
 
 def _sampling(settings: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from dreampose.flops import unet_work
 from dreampose.model import DreamPoseConfig, DreamPoseModel
 from dreampose.settings import PRECISIONS, SamplingSettings, check_choice, torch_dtype
 from dreampose.utils import DreamPoseError, read_json
@@ -141,6 +142,7 @@ class Variant:
     weights_bytes: int
     unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    unet_flops_per_frame: float | None = None  # with caching (dreampose.flops.unet_work); None: 3 samples per call
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,18 +302,23 @@ def _runtime_variant(
         weights = sum(f.stat().st_size for f in engines.iterdir() if f.suffix in (".onnx", ".data", ".plan"))
     else:
         weights = module_bytes(model)
-    info: dict[str, Any] = {"steps": s.sampling.steps, "scheduler": s.sampling.scheduler,
-                            "backend": backend.describe()}
+    info: dict[str, Any] = {"steps": s.sampling.steps, "scheduler": s.sampling.scheduler, "quality": s.sampling.quality,
+                            "guidance_cache": s.sampling.guidance_cache.describe(),
+                            "feature_cache": s.sampling.feature_cache.describe(), "backend": backend.describe()}
+    work = unet_work(models.base, s.sampling) if s.sampling.caching else None
+    if work is not None:
+        info["unet_work"] = work
     if hasattr(rt, "data_plane"):
         info["data_plane"] = rt.data_plane()
     if engines is not None:
         info["engines"] = {"dir": str(engines), "origin": origin}
     return Variant(
-        name=name, description=f"runtime, {backend.describe()}, {s.sampling.scheduler} {s.sampling.steps} steps, "
+        name=name, description=f"runtime, {backend.describe()}, {s.sampling.quality}: {s.sampling.scheduler} "
+        f"{s.sampling.steps} steps, "
         f"conditioning once per video, up to {fpb} frames per call",
         precision=precision, frames_per_batch=fpb, render=render, timer=timer,
         attach=lambda t: setattr(rt, "timer", t), weights_bytes=weights,
-        unet=torch.no_grad()(backend.unet), info=info,
+        unet=torch.no_grad()(backend.unet), info=info, unet_flops_per_frame=work["flops"] if work else None,
     )  # fmt: skip
 
 
@@ -324,11 +331,12 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def _summarise(
     samples: list[dict[str, Any]], phased: list[dict[str, Any]], n_frames: int, frames_per_batch: int,
-    flops: dict[str, int], peak_tflops: float | None,
+    flops: dict[str, int], peak_tflops: float | None, unet_flops_per_frame: float | None = None,
 ) -> dict[str, Any]:
     """Rounds of one (variant, mode) -> the reported numbers (medians over rounds unless named).
 
     ``samples``: the timed rounds {'seconds', 'memory'}; ``phased``: the instrumented rounds {'seconds', 'phases'}.
+    ``unet_flops_per_frame``: the UNet work of a frame when its calls are not all 3 full samples (caching).
     """
     per_frame = [r["seconds"] / n_frames for r in samples]
     med = statistics.median(per_frame)
@@ -347,8 +355,9 @@ def _summarise(
         max(r["seconds"] - sum(t for t, _ in r["phases"].values()), 0.0) for r in phased
     ) / n_frames
     calls_per_batch = unet_calls / n_batches
+    unet_per_frame = calls_per_batch * 3 * flops["unet_per_sample"] if unet_flops_per_frame is None else unet_flops_per_frame
     flops_per_frame = (
-        calls_per_batch * 3 * flops["unet_per_sample"]
+        unet_per_frame
         + flops["vae_decode_per_frame"]
         + flops["encode_per_subject"] * encodes / n_frames
     )
@@ -367,7 +376,7 @@ def _summarise(
         "peak_memory_bytes": max(r["memory"]["peak_bytes"] for r in samples),
         "flops_per_frame": flops_per_frame,
         "achieved_tflops": flops_per_frame / med / 1e12,
-        "unet_achieved_tflops": 3 * frames_per_batch * flops["unet_per_sample"] / (
+        "unet_achieved_tflops": unet_per_frame * frames_per_batch / calls_per_batch / (
             statistics.median(phase("unet")) / unet_calls) / 1e12,
     }  # fmt: skip
     if peak_tflops is not None:
@@ -466,7 +475,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         for mode in modes:
             fpb = 1 if mode == "one_frame" else v.frames_per_batch
             entry[mode] = _summarise(raw[(v.name, mode)], phased[(v.name, mode)], len(frames_of(v, mode)), fpb,
-                                     flops, peak)
+                                     flops, peak, v.unet_flops_per_frame)
         results[v.name] = entry
     if BASELINE in results:
         for v in variants:

@@ -332,6 +332,7 @@ class EvalReport:
     model_name: str
     videos: list[VideoResult]
     set_level: dict[str, SetMetric] = field(default_factory=lambda: {m: not_computed(m) for m in SET_METRICS})
+    comparison: dict | None = None  # compare_reports(self, a reference report): set by `evaluate --compare-to`
 
     def overall(self) -> dict:
         def pool(get: Callable[[VideoResult], list[float]]) -> float:
@@ -350,8 +351,11 @@ class EvalReport:
         }
 
     def to_dict(self) -> dict:
-        return {"model": self.model_name, "protocol": self.protocol.to_dict(), "sampling": self.sampling.to_dict(),
-                "overall": self.overall(), "videos": [v.summary() for v in self.videos]}
+        out = {"model": self.model_name, "protocol": self.protocol.to_dict(), "sampling": self.sampling.to_dict(),
+               "overall": self.overall(), "videos": [v.summary() for v in self.videos]}
+        if self.comparison is not None:
+            out["comparison"] = self.comparison
+        return out
 
     def markdown(self) -> str:
         keys = list(self.videos[0].model)
@@ -374,7 +378,8 @@ class EvalReport:
         return (f"Model `{self.model_name}`; test set `{p.data}` (seed {p.seed}), {s.scheduler} {s.steps} steps, "
                 f"{guide}, noise {s.noise} (seed {s.seed}); subject = frame {p.subject_frame}, targets "
                 f"{p.first_target}::{p.stride}.\n\n"
-                + "\n".join(lines) + "\n\n" + self.set_level_markdown())
+                + "\n".join(lines) + "\n\n" + self.set_level_markdown()
+                + (comparison_markdown(self.comparison) if self.comparison is not None else ""))
 
     def set_level_markdown(self) -> str:
         """The overall-only FID / FVD lines of the markdown report."""
@@ -444,6 +449,67 @@ def evaluate(
     level = set_metrics(rendered["model"], rendered["gt"], rendered["repeat"], fid_model, fvd_model,
                         protocol.fvd_clip)
     return EvalReport(protocol, sampling, model_name, results, level)
+
+
+def temporal_change(frames: np.ndarray) -> float:
+    """Mean absolute change between consecutive frames (F, H, W, 3) uint8, in [0, 1]: flicker raises it."""
+    x = to_unit(frames)
+    return float(np.abs(np.diff(x, axis=0)).mean()) if len(frames) > 1 else 0.0
+
+
+def compare_reports(candidate: EvalReport, reference: EvalReport) -> dict:
+    """How a render's settings compare with a reference's (usually the exact preset) on the same test set.
+
+    Both reports need their outputs (``evaluate(..., keep_outputs=True)``). Per video and overall: PSNR and
+    SSIM of the candidate's frames to the reference's, both renders' SSIM and IoU to the ground truth and
+    their relative difference, the temporal change (mean absolute difference between consecutive targets:
+    flicker shows as a larger change than the reference's), and seconds per frame.
+    """
+    if [v.name for v in candidate.videos] != [v.name for v in reference.videos]:
+        raise DreamPoseError("compare_reports: the two reports are not of the same test videos")
+    per_video, to_ref = [], {"psnr": [], "ssim": []}
+    for c, r in zip(candidate.videos, reference.videos):
+        if c.outputs is None or r.outputs is None:
+            raise DreamPoseError("compare_reports needs evaluate(..., keep_outputs=True) for both reports")
+        p = np.minimum(psnr(c.outputs, r.outputs), 99.0)  # identical frames: capped, not infinite
+        s = ssim(c.outputs, r.outputs)
+        to_ref["psnr"] += p.tolist()
+        to_ref["ssim"] += s.tolist()
+        per_video.append({"name": c.name, "psnr_to_reference": float(p.mean()), "ssim_to_reference": float(s.mean()),
+                          "temporal_change": temporal_change(c.outputs),
+                          "reference_temporal_change": temporal_change(r.outputs)})
+    oc, orf = candidate.overall(), reference.overall()
+
+    def rel(key: str) -> float:
+        return oc["model"][key] / orf["model"][key] - 1.0
+
+    tc = float(np.mean([v["temporal_change"] for v in per_video]))
+    tr = float(np.mean([v["reference_temporal_change"] for v in per_video]))
+    return {
+        "reference": reference.sampling.to_dict(),
+        "psnr_to_reference": float(np.mean(to_ref["psnr"])),
+        "ssim_to_reference": float(np.mean(to_ref["ssim"])),
+        "ssim_gt": {"candidate": oc["model"]["ssim"], "reference": orf["model"]["ssim"], "relative": rel("ssim")},
+        "iou_gt": {"candidate": oc["model"]["iou"], "reference": orf["model"]["iou"], "relative": rel("iou")},
+        "temporal_change": {"candidate": tc, "reference": tr, "ratio": tc / tr if tr else float("nan")},
+        "seconds_per_frame": {"candidate": oc["seconds_per_frame"], "reference": orf["seconds_per_frame"]},
+        "videos": per_video,
+    }
+
+
+def comparison_markdown(comparison: dict) -> str:
+    """The markdown lines of :func:`compare_reports`' result."""
+    r = comparison["reference"]
+    return (
+        f"\nAgainst the reference ({r['quality']}: {r['scheduler']} {r['steps']} steps): PSNR "
+        f"{comparison['psnr_to_reference']:.2f} dB, SSIM {comparison['ssim_to_reference']:.4f} to its frames; "
+        f"SSIM to the ground truth {comparison['ssim_gt']['candidate']:.4f} vs {comparison['ssim_gt']['reference']:.4f} "
+        f"({comparison['ssim_gt']['relative']:+.2%}), IoU {comparison['iou_gt']['candidate']:.4f} vs "
+        f"{comparison['iou_gt']['reference']:.4f} ({comparison['iou_gt']['relative']:+.2%}); frame-to-frame change "
+        f"{comparison['temporal_change']['candidate']:.4f} vs {comparison['temporal_change']['reference']:.4f} "
+        f"(x{comparison['temporal_change']['ratio']:.3f}); "
+        f"{comparison['seconds_per_frame']['candidate']:.3f} vs {comparison['seconds_per_frame']['reference']:.3f} s/frame.\n"
+    )
 
 
 def pose_image(uv: np.ndarray) -> np.ndarray:

@@ -8,7 +8,22 @@ One UNet call evaluates three branches for each of F frames, batched BRANCH-MAJO
 
     eps = e(0,0) + s_I * (e(I,0) - e(0,0)) + s_p * (e(I,P) - e(I,0))
 
-This module is the single definition of that layout; the fused kernels and the exported graphs follow it.
+Guidance caching (fewer UNet evaluations): a *refresh* step evaluates all three branches and keeps the
+two guidance differences of every frame,
+
+    d_I = e(I,0) - e(0,0)        d_P = e(I,P) - e(I,0)          (guidance_differences)
+
+and a *cached* step evaluates only the image-and-pose branch (F samples instead of 3F) and reuses them:
+
+    eps = e(I,P) + (s_I - 1) * d_I + (s_p - 1) * d_P             (combine_cached)
+
+which is the formula above rewritten (e(0,0) = e(I,P) - d_P - d_I); refresh steps combine with the
+formula above itself, so a run that refreshes every step is the exact run. Which steps refresh is a
+:class:`dreampose.settings.GuidanceCache` policy. The cache is one fp32 buffer ``(2, F, C, h, w)``:
+``[0]`` = d_I, ``[1]`` = d_P.
+
+This module is the single definition of the layout and of both formulas; the fused kernels (C++, Triton)
+and the exported graphs follow it.
 """
 
 from __future__ import annotations
@@ -82,3 +97,48 @@ def branch_batch(
     p = torch.cat([null_pose, pose_window, null_pose], dim=0)
     ehs = torch.cat([null_cond.expand(f, -1, -1), cond.expand(f, -1, -1), cond.expand(f, -1, -1)], dim=0)
     return x, p, ehs
+
+
+def guidance_differences(model_output: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """The guidance cache of a refresh step: ``(2, F, C, h, w)`` float32, ``[0]`` = e(I,0) - e(0,0),
+    ``[1]`` = e(I,P) - e(I,0), from ``model_output`` (3F, C, h, w) branch-major."""
+    if model_output.shape[0] != NUM_BRANCHES * n_frames:
+        raise ValueError(
+            f"model_output has batch {model_output.shape[0]}, expected {NUM_BRANCHES} x {n_frames} frames"
+        )
+    e = model_output.float().unflatten(0, (NUM_BRANCHES, n_frames))
+    return torch.stack([e[BRANCH_IMAGE] - e[BRANCH_NULL], e[BRANCH_IMAGE_POSE] - e[BRANCH_IMAGE]])
+
+
+def combine_cached(
+    e_image_pose: torch.Tensor,
+    cache: torch.Tensor,
+    s_image: float | torch.Tensor,
+    s_pose: float | torch.Tensor,
+) -> torch.Tensor:
+    """The guided noise prediction of a cached step, computed in fp32.
+
+    Args:
+        e_image_pose: (F, C, h, w) the image-and-pose branch e(I,P), the only one evaluated.
+        cache: (2, F, C, h, w) float32 from the last refresh (:func:`guidance_differences`).
+        s_image, s_pose: guidance scales, a float (or 1-element tensor) for all frames, or a tensor (F,).
+
+    Returns:
+        (F, C, h, w) float32: ``e(I,P) + (s_I - 1) * d_I + (s_p - 1) * d_P``.
+    """
+    f = e_image_pose.shape[0]
+    if tuple(cache.shape) != (2, *e_image_pose.shape):
+        raise ValueError(f"cache has shape {tuple(cache.shape)}, expected (2, {', '.join(map(str, e_image_pose.shape))})")
+    e = e_image_pose.float()
+    s_i = _per_frame(s_image, f, e, "s_image")
+    s_p = _per_frame(s_pose, f, e, "s_pose")
+    return e + (s_i - 1.0) * cache[0] + (s_p - 1.0) * cache[1]
+
+
+def image_pose_batch(
+    latents: torch.Tensor, pose_window: torch.Tensor, cond: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The UNet inputs of a cached step: the image-and-pose branch alone, (F, ...) each (latents,
+    pose window, encoder_hidden_states), as rows [F, 2F) of :func:`branch_batch`."""
+    f = latents.shape[0]
+    return latents, pose_window, cond.expand(f, -1, -1)

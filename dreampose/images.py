@@ -26,8 +26,17 @@ def load_image(image: ImageLike, size: tuple[int, int] | None = None) -> torch.T
 
     Accepts a path, a PIL image (any mode; alpha is dropped), a uint8 array (H, W, 3) in [0, 255], a float
     array (H, W, 3) in [0, 1], or a float tensor (3, H, W) / (1, 3, H, W) in [0, 1]. Resizing is bicubic
-    with antialiasing.
+    with antialiasing. ``load_image(image_unit(image), size)`` is ``load_image(image, size)``, bit for bit.
     """
+    x = image_unit(image).unsqueeze(0)
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    return x * 2.0 - 1.0
+
+
+def image_unit(image: ImageLike) -> torch.Tensor:
+    """An image (any form :func:`load_image` takes) as float32 (3, H, W) in [0, 1] at its own size: the
+    image read and checked, before resizing (what a renderer on another machine is sent)."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
@@ -67,10 +76,7 @@ def load_image(image: ImageLike, size: tuple[int, int] | None = None) -> torch.T
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise DreamPoseError(f"image values must lie in [0, 1] (or [0, 255] for uint8), found [{lo:.4g}, {hi:.4g}]")
-    x = x.clamp(0, 1).unsqueeze(0)
-    if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    return x * 2.0 - 1.0
+    return x.clamp(0, 1)
 
 
 def pil_to_unit(im: "PIL.Image.Image", source: str) -> torch.Tensor:  # noqa: F821

@@ -24,13 +24,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .outputs import atomic_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .deep_cache import DeepFeatures
 from .utils import DreamPoseError, PathLike, dataclass_from_dict, first_line, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -534,13 +537,21 @@ class DreamPoseModel(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         channels_last: bool = False,
+        features: "DeepFeatures | None" = None,
+        full: bool = True,
     ) -> torch.Tensor:
         """One UNet call. latents (B, 4, h, w), pose_window (B, 2 * n_poses, h, w) in [-1, 1] (zeros = null
         pose), timestep scalar or (B,), encoder_hidden_states (B, N, D) -> predicted noise (B, 4, h, w).
         ``channels_last``: give the UNet its input in channels_last memory format (for a UNet whose weights
-        are channels_last; the output then is channels_last too)."""
+        are channels_last; the output then is channels_last too). ``features``: deep-feature caching
+        (dreampose.deep_cache): a ``full`` call keeps its deep feature there, a shallow one (``full``
+        False) runs only the outermost blocks on it; None: the plain UNet."""
         x = self.unet_input(latents, pose_window, channels_last)
-        return self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        if features is None:
+            return self.unet(x, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        from .deep_cache import unet_forward
+
+        return unet_forward(self.unet, x, timestep, encoder_hidden_states, features, full)
 
     @staticmethod
     def unet_input(latents: torch.Tensor, pose_window: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

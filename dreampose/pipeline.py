@@ -25,7 +25,15 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .guidance import NUM_BRANCHES, branch_batch, combine_guidance
+from .deep_cache import DeepFeatures
+from .guidance import (
+    NUM_BRANCHES,
+    branch_batch,
+    combine_cached,
+    combine_guidance,
+    guidance_differences,
+    image_pose_batch,
+)
 from .images import ImageLike, load_image, to_uint8
 from .model import DreamPoseModel
 from .poses import load_poses, pose_window, prepare_poses
@@ -87,6 +95,13 @@ def resolve_frames(frames: Sequence[int] | None, n_total: int) -> list[int]:
     if bad:
         raise DreamPoseError(f"frame indices {bad[:5]} out of range for {n_total} poses (valid: 0 .. {n_total - 1})")
     return out
+
+
+def frame_batches(frames: Sequence[int], frames_per_batch: int) -> list[list[int]]:
+    """The batches of a render: ``frames_per_batch`` consecutive entries of ``frames`` each (the last one
+    shorter). The one definition: a frame's arithmetic depends on its batch, so every renderer (a single
+    process, a resumed render, a cluster) makes the same batches."""
+    return [list(frames[i : i + frames_per_batch]) for i in range(0, len(frames), frames_per_batch)]
 
 
 def check_frames_per_batch(frames_per_batch: Any) -> int:
@@ -164,7 +179,10 @@ class DreamPosePipeline:
         settings: SamplingSettings,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Run the whole sampler for F frames at once (one UNet call per step at batch 3F).
+        """Run the whole sampler for F frames at once: one UNet call per step, at batch 3F (the three guidance
+        branches) or, a cached step of guidance caching, F (the image-and-pose branch alone, with the
+        guidance differences of the last refresh: dreampose.guidance); with deep-feature caching a call
+        runs the whole UNet or its outermost blocks (dreampose.deep_cache), as ``settings.call_plan`` says.
 
         poses (T, 2, h, w) in [-1, 1]; latents (F, C, h, w) float32 noise -> (F, C, h, w) float32."""
         model = self.model
@@ -173,14 +191,32 @@ class DreamPosePipeline:
         window = pose_window(poses, list(frames), model.config.n_poses)  # (F, 10, h, w)
         latents = latents * sched.init_noise_sigma
         dtype = model.dtype
+        f = len(frames)
         _, p, ehs = branch_batch(latents, window, subject.cond, subject.null)
         p, ehs = p.to(dtype), ehs.to(dtype)
-        for t in sched.timesteps:
-            x = sched.scale_model_input(latents, t).repeat(NUM_BRANCHES, 1, 1, 1)
+        _, p1, ehs1 = image_pose_batch(latents, window.to(dtype), subject.cond.to(dtype))
+        features = DeepFeatures(frames=f) if settings.feature_cache.enabled else None
+        cache = None  # the guidance differences of the last refresh
+
+        def unet(x: torch.Tensor, p: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor, full: bool) -> torch.Tensor:
+            if features is None:  # the plain UNet call
+                return model.predict_noise(x.to(dtype), p, t.to(self.device), ehs)
+            return model.predict_noise(x.to(dtype), p, t.to(self.device), ehs, features=features, full=full)
+
+        for t, (refresh, full) in zip(sched.timesteps, settings.call_plan(len(sched.timesteps))):
+            x = sched.scale_model_input(latents, t)
             with timed(self.timer, "unet"):
-                eps_all = model.predict_noise(x.to(dtype), p, t.to(self.device), ehs)
+                if refresh:
+                    eps = unet(x.repeat(NUM_BRANCHES, 1, 1, 1), p, t, ehs, full)
+                else:
+                    eps = unet(x, p1, t, ehs1, full)
             with timed(self.timer, "guidance_update"):
-                eps = combine_guidance(eps_all, len(frames), settings.s_image, settings.s_pose)
+                if refresh:
+                    if settings.guidance_cache.enabled:
+                        cache = guidance_differences(eps, f)
+                    eps = combine_guidance(eps, f, settings.s_image, settings.s_pose)
+                else:
+                    eps = combine_cached(eps, cache, settings.s_image, settings.s_pose)
                 latents = sched.step(eps, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step()
@@ -216,7 +252,7 @@ class DreamPosePipeline:
         probe = self.scheduler_factory(settings.scheduler, self.model.scheduler_config)
         probe.set_timesteps(settings.steps)
         calls_per_batch = len(probe.timesteps)
-        batches = [frames[i : i + frames_per_batch] for i in range(0, len(frames), frames_per_batch)]
+        batches = frame_batches(frames, frames_per_batch)
         bar = tqdm(total=len(batches) * calls_per_batch, unit="step", disable=not progress, desc="rendering",
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
         done = 0

@@ -15,6 +15,7 @@ must be new, empty or this command's own, and neither may be (or contain) an inp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -24,14 +25,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from dreampose.images import ImageLike
 from dreampose.outputs import check_output_dir, check_output_file, claim_output_dir, read_marker
-from dreampose.pipeline import check_frames_per_batch, resolve_frames
-from dreampose.settings import SamplingSettings
+from dreampose.pipeline import check_frames_per_batch, frame_batches, resolve_frames
+from dreampose.settings import FeatureCache, GuidanceCache, SamplingSettings
 from dreampose.utils import DreamPoseError, PathLike, write_json
 from dreampose.video import check_fps, frame_name, output_kind, read_png, write_frames, write_png
 
@@ -42,6 +43,26 @@ logger = logging.getLogger(__name__)
 SETTINGS = "settings.json"
 COMMAND = "animate"
 _FRAME = re.compile(r"^frame_\d+\.png$")
+
+
+class RenderSource(Protocol):
+    """What :func:`render_to_file` needs of a renderer (a :class:`Runtime` is one; so is the Ray cluster of
+    dreampose_rt.distributed): the identity of its frames, the subject's pixels, batching, and the frames."""
+
+    config: Any  # the model's DreamPoseConfig (height, width)
+
+    def identity(self) -> dict[str, str]: ...
+
+    def describe(self) -> str: ...
+
+    def load_subject(self, image: ImageLike | None) -> Any: ...
+
+    def auto_frames_per_batch(self) -> int: ...
+
+    def check_frames_per_batch(self, frames_per_batch: int) -> None: ...
+
+    def stream(self, poses: np.ndarray, image: ImageLike | None, *, settings: SamplingSettings, frames: Sequence[int],
+               frames_per_batch: int, progress: bool, skip: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]: ...
 
 
 @dataclass
@@ -83,7 +104,7 @@ def check_outputs(out: PathLike, inputs: Sequence[PathLike | None] = ()) -> None
 
 
 def render_to_file(
-    runtime: Runtime,
+    runtime: Runtime | RenderSource,
     out: PathLike,
     poses: np.ndarray,
     image: ImageLike | None,
@@ -98,6 +119,7 @@ def render_to_file(
 ) -> RenderReport:
     """Render ``frames`` (all by default) to ``out`` (.mp4, .gif or a PNG folder), resumably.
 
+    runtime: what renders the frames: a :class:`Runtime`, or any :class:`RenderSource`.
     poses: float32 (T, 2, H, W) U, V in [0, 1] (already loaded). settings: how to sample (resolved by
     the caller). frames_per_batch: frames per UNet call (None: the runtime's choice, kept on resume).
     inputs: the paths the render reads (image, poses, model, engines): the output may not be one.
@@ -105,50 +127,119 @@ def render_to_file(
     of a render with other settings is an error (its frames are not thrown away) unless ``restart`` is
     True. Every setting and the outputs are checked before anything is written. Returns a RenderReport.
     """
-    out = Path(out)
-    check_fps(fps, out)  # also rejects an unsupported output
-    frames = resolve_frames(frames, len(poses))
-    if frames_per_batch is not None:
-        check_frames_per_batch(frames_per_batch)
-    check_outputs(out, inputs)
-    pixels = runtime.load_subject(image)
-    work = work_folder(out)
-    with _exclusive(out):
-        previous = _read_settings(work)
-        fpb = frames_per_batch
-        if fpb is None:  # auto batching depends on free memory: a resumed render keeps the first run's choice
-            fpb = previous.get("frames_per_batch") if previous else None
-            fpb = fpb if isinstance(fpb, int) and not isinstance(fpb, bool) and fpb >= 1 else runtime.auto_frames_per_batch()
-        runtime.backend.check_frames_per_batch(fpb)
-        identity: dict[str, Any] = {
-            "model": runtime.fingerprint,
-            "backend": runtime.backend.name,
-            "device": runtime.device.type,
-            "dtype": str(runtime.dtype),
-            "image": _digest(pixels.numpy()),
-            "poses": _digest(poses),
-            "frames": frames,
-            **settings.to_dict(),
-            "frames_per_batch": fpb,  # batching changes the arithmetic: part of the identity
-        }
-        done = _resume(work, previous, identity, restart, (runtime.config.height, runtime.config.width))
-        if done:
-            logger.info("resuming %s: %d of %d frames already rendered", work, len(done), len(frames))
-        claim_output_dir(work, COMMAND, inputs, legacy=_is_legacy_work_folder)
-        write_json(work / SETTINGS, identity)
+    job = RenderJob(runtime, out, poses, image, settings, frames=frames, frames_per_batch=frames_per_batch, fps=fps,
+                    restart=restart, inputs=inputs)
+    with job:
+        for i, frame in runtime.stream(poses, image, settings=settings, frames=job.frames,
+                                       frames_per_batch=job.frames_per_batch, progress=progress, skip=sorted(job.done)):
+            job.write(i, frame)
+        return job.finish()
 
-        start = time.perf_counter()
-        rendered = 0
-        for i, frame in runtime.stream(poses, image, settings=settings, frames=frames, frames_per_batch=fpb, progress=progress,
-                                       skip=sorted(done)):
-            write_png(frame, work / frame_name(i))
-            rendered += 1
-        seconds = time.perf_counter() - start
 
-        video = np.stack([read_png(work / frame_name(i)) for i in frames])
-        write_frames(video, out, fps=fps, command=COMMAND)
-        shutil.rmtree(work)
-    return RenderReport(out, len(frames), rendered, len(frames) - rendered, seconds, runtime.backend.describe())
+class RenderJob:
+    """One resumable render to a file, its frames coming from anywhere (what :func:`render_to_file` runs; the
+    Ray cluster of dreampose_rt.distributed runs many at once, their batches spread over its actors).
+
+    Construction checks every setting and the outputs (nothing is written). Entering the ``with`` block takes
+    the output's lock, reads the work folder, checks it is of this render (see :func:`_resume`) and claims
+    it; then :attr:`batches` are the batches of frames still to render (the same batches a single-process
+    render makes: ``frames_per_batch`` consecutive frames of ``frames``), :meth:`write` stores a frame,
+    :meth:`finish` assembles the output and removes the work folder.
+    """
+
+    def __init__(
+        self,
+        source: Runtime | RenderSource,
+        out: PathLike,
+        poses: np.ndarray,
+        image: ImageLike | None,
+        settings: SamplingSettings,
+        *,
+        frames: Sequence[int] | None = None,
+        frames_per_batch: int | None = None,
+        fps: float = 8.0,
+        restart: bool = False,
+        inputs: Sequence[PathLike | None] = (),
+    ) -> None:
+        self.source, self.out, self.poses, self.image, self.settings = source, Path(out), poses, image, settings
+        self.fps, self.restart, self.inputs = fps, restart, list(inputs)
+        check_fps(fps, self.out)  # also rejects an unsupported output
+        self.frames = resolve_frames(frames, len(poses))
+        if frames_per_batch is not None:
+            check_frames_per_batch(frames_per_batch)
+        self._given_fpb = frames_per_batch
+        check_outputs(self.out, self.inputs)
+        self.pixels = source.load_subject(image)
+        self.work = work_folder(self.out)
+        self.frames_per_batch = 0
+        self.done: set[int] = set()
+        self.rendered = 0
+        self._lock: contextlib.ExitStack | None = None
+        self._start = 0.0
+
+    def __enter__(self) -> "RenderJob":
+        stack = contextlib.ExitStack()
+        stack.enter_context(_exclusive(self.out))
+        try:
+            previous = _read_settings(self.work)
+            fpb = self._given_fpb
+            if fpb is None:  # auto batching depends on free memory: a resumed render keeps the first run's choice
+                fpb = previous.get("frames_per_batch") if previous else None
+                fpb = fpb if isinstance(fpb, int) and not isinstance(fpb, bool) and fpb >= 1 else \
+                    self.source.auto_frames_per_batch()
+            self.source.check_frames_per_batch(fpb)
+            self.frames_per_batch = fpb
+            identity: dict[str, Any] = {
+                **self.source.identity(),  # model, backend, device, dtype
+                "image": _digest(self.pixels.numpy()),
+                "poses": _digest(self.poses),
+                "frames": self.frames,
+                **self.settings.to_dict(),
+                "frames_per_batch": fpb,  # batching changes the arithmetic: part of the identity
+            }
+            c = self.source.config
+            self.done = _resume(self.work, previous, identity, self.restart, (c.height, c.width))
+            if self.done:
+                logger.info("resuming %s: %d of %d frames already rendered", self.work, len(self.done), len(self.frames))
+            claim_output_dir(self.work, COMMAND, self.inputs, legacy=_is_legacy_work_folder)
+            write_json(self.work / SETTINGS, identity)
+        except BaseException:
+            stack.close()
+            raise
+        self._lock = stack
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    @property
+    def batches(self) -> list[list[int]]:
+        """The batches still to render (a batch with a frame missing is rendered whole: batches are the unit
+        of the arithmetic)."""
+        return [b for b in frame_batches(self.frames, self.frames_per_batch) if not set(b) <= self.done]
+
+    def write(self, index: int, frame: np.ndarray) -> None:
+        """Store rendered frame ``index`` (uint8 (H, W, 3)) in the work folder; a frame already there is kept."""
+        if index in self.done:
+            return
+        write_png(frame, self.work / frame_name(index))
+        self.done.add(index)
+        self.rendered += 1
+
+    def finish(self) -> RenderReport:
+        """Assemble the output from the work folder's frames (all must be there) and remove the work folder."""
+        missing = [i for i in self.frames if i not in self.done]
+        if missing:
+            raise RuntimeError(f"{self.out}: frames {missing[:5]} were not rendered")
+        seconds = time.perf_counter() - self._start
+        video = np.stack([read_png(self.work / frame_name(i)) for i in self.frames])
+        write_frames(video, self.out, fps=self.fps, command=COMMAND)
+        shutil.rmtree(self.work)
+        return RenderReport(self.out, len(self.frames), self.rendered, len(self.frames) - self.rendered, seconds,
+                            self.source.describe())
 
 
 @contextlib.contextmanager
@@ -194,6 +285,22 @@ def _readable(path: Path, size: tuple[int, int]) -> bool:
         return False
 
 
+#: settings 0.1 did not write; a work folder without them was rendered without caching
+_ADDED_IN_0_2 = {"guidance_cache": dataclasses.asdict(GuidanceCache()), "feature_cache": dataclasses.asdict(FeatureCache())}
+
+
+def _comparable(settings: dict, current: dict | None = None) -> dict:
+    """What decides the frames, for comparing a work folder's settings with a render's: the preset's name
+    is a label (its values are compared), and a 0.1 folder's missing keys take their uncached values."""
+    out = {k: v for k, v in settings.items() if k != "quality"}
+    if out.get("extra") == {}:  # 0.1's render settings had an "extra" that was never set
+        del out["extra"]
+    if current is not None:
+        for key, value in _ADDED_IN_0_2.items():
+            out.setdefault(key, value)
+    return out
+
+
 def _resume(work: Path, previous: dict | None, identity: dict, restart: bool, size: tuple[int, int]) -> set[int]:
     """Frame indices already in ``work`` for a render with this identity (frames of ``size`` = (H, W)).
 
@@ -208,9 +315,8 @@ def _resume(work: Path, previous: dict | None, identity: dict, restart: bool, si
             logger.warning("%s: --restart: discarding the frames of the earlier render", work)
             shutil.rmtree(work)
         return set()
-    current = json.loads(json.dumps(identity))
-    if isinstance(previous, dict) and previous.get("extra") == {}:  # written by 0.1's render settings (never set)
-        previous = {k: v for k, v in previous.items() if k != "extra"}
+    current = _comparable(json.loads(json.dumps(identity)))
+    previous = _comparable(previous, current) if isinstance(previous, dict) else previous
     if previous != current:
         if not _frame_files(work):
             return set()  # nothing to keep: the settings are written anew

@@ -3,7 +3,10 @@
 Each backend declares whether it can run on a device and why not, and implements three calls:
 
 * ``encode_subject(pixels (1, 3, H, W) in [-1, 1]) -> (cond (1, N, D), null (1, N, D))``
-* ``unet(latents (3F, 4, h, w), pose_window (3F, 2n, h, w), timestep (), ehs (3F, N, D)) -> eps (3F, 4, h, w)``
+* ``unet(latents (B, 4, h, w), pose_window (B, 2n, h, w), timestep (), ehs (B, N, D)) -> eps (B, 4, h, w)``,
+  B = 3F (the three guidance branches) or F (the image-and-pose branch alone, guidance caching); with
+  ``features`` (deep-feature caching, dreampose.deep_cache) a ``full`` call keeps the deep features and a
+  shallow one reuses them (backends say which caching they run: :meth:`Backend.caching_availability`)
 * ``decode(latents (F, 4, h, w)) -> images (F, 3, H, W) in [-1, 1]``
 
 ``torch`` (eager, the reference), ``compiled`` (torch.compile of the UNet and the VAE decoder; on CUDA
@@ -18,6 +21,7 @@ the torch backend is always available. ``python -m dreampose_rt.info`` reports t
 from __future__ import annotations
 
 import abc
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -26,7 +30,8 @@ from typing import Any
 import torch
 
 from dreampose.model import DreamPoseModel
-from dreampose.settings import precision_of
+from dreampose.deep_cache import DeepFeatures
+from dreampose.settings import FeatureCache, SamplingSettings, precision_of
 from dreampose.utils import DreamPoseError, PathLike
 
 from .availability import Availability
@@ -76,9 +81,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def encode_subject(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def caching_availability(self, settings: SamplingSettings) -> Availability:
+        """Can this backend run the settings' caching (guidance caching: UNet calls of F samples; deep-feature
+        caching: shallow UNet calls), and why not."""
+        if settings.feature_cache.enabled:
+            from dreampose.deep_cache import supports
+
+            why = supports(self.model.unet)
+            if why is not None:
+                return Availability(False, why)
+        return Availability(True)
+
     @abc.abstractmethod
-    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
-             ehs: torch.Tensor) -> torch.Tensor: ...
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
+             features: DeepFeatures | None = None, full: bool = True) -> torch.Tensor: ...
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
@@ -116,10 +132,10 @@ class TorchBackend(Backend):
         return self.model.encode_image(pixels.to(self.device)), self.model.encode_null_image(1)
 
     @torch.no_grad()
-    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
-             ehs: torch.Tensor) -> torch.Tensor:
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
+             features: DeepFeatures | None = None, full: bool = True) -> torch.Tensor:
         return self.model.predict_noise(latents.to(self.dtype), pose_window.to(self.dtype), timestep, ehs.to(self.dtype),
-                                  channels_last=self.channels_last)
+                                        channels_last=self.channels_last, features=features, full=full)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -139,8 +155,10 @@ class CompiledBackend(TorchBackend):
     def __init__(self, model: DreamPoseModel, device: torch.device, dtype: torch.dtype, **options: Any) -> None:
         super().__init__(model, device, dtype, **options)
         mode = options.get("compile_mode") or ("max-autotune-no-cudagraphs" if device.type == "cuda" else None)
+        self._mode = mode
         self._unet = torch.compile(model.unet, mode=mode, dynamic=False, fullgraph=False)
         self._decoder = torch.compile(model.vae.decoder, mode=mode, dynamic=False)
+        self._cached: dict[bool, Any] = {}  # full -> the compiled deep-feature-caching forward (made on first use)
 
     @classmethod
     def availability(cls, device: torch.device, precision: str, engines: PathLike | None = None) -> Availability:
@@ -168,11 +186,23 @@ class CompiledBackend(TorchBackend):
         return cls.availability(device, precision, engines)
 
     @torch.no_grad()
-    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
-             ehs: torch.Tensor) -> torch.Tensor:
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
+             features: DeepFeatures | None = None, full: bool = True) -> torch.Tensor:
         x = self.model.unet_input(latents.to(self.dtype), pose_window, self.channels_last)
         t = timestep.to(self.device).reshape(()).expand(x.shape[0]).contiguous()
-        return self._unet(x, t, encoder_hidden_states=ehs.to(self.dtype), return_dict=False)[0].clone()
+        if features is None:
+            return self._unet(x, t, encoder_hidden_states=ehs.to(self.dtype), return_dict=False)[0].clone()
+        from dreampose.deep_cache import keep, unet_full, unet_shallow
+
+        if full not in self._cached:  # the two halves of deep-feature caching, compiled like the UNet
+            fn = functools.partial(unet_full if full else unet_shallow, self.model.unet)
+            self._cached[full] = torch.compile(fn, mode=self._mode, dynamic=False, fullgraph=False)
+        if full:
+            eps, deep = self._cached[True](x, t, ehs.to(self.dtype))
+            keep(features, deep)
+            return eps.clone()
+        deep = features.buffer[features.rows(x.shape[0])]
+        return self._cached[False](x, t, ehs.to(self.dtype), deep).clone()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -242,8 +272,17 @@ class EngineBackend(Backend):
         out = self._run("cond_encoder", {"image": pixels})
         return out["cond"].to(self.device), out["null"].to(self.device)
 
-    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor,
-             ehs: torch.Tensor) -> torch.Tensor:
+    def caching_availability(self, settings: SamplingSettings) -> Availability:
+        if settings.feature_cache.enabled:
+            return Availability(False, f"deep-feature caching needs the UNet's shallow path as a second engine, which "
+                                       f"build-engine does not export: use --backend torch or compiled for "
+                                       f"--quality {settings.quality}")
+        return Availability(True)
+
+    def unet(self, latents: torch.Tensor, pose_window: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor,
+             features: DeepFeatures | None = None, full: bool = True) -> torch.Tensor:
+        if features is not None:
+            raise DreamPoseError(self.caching_availability(SamplingSettings(feature_cache=FeatureCache(every=2))).reason)
         t = timestep.reshape(()).float().expand(latents.shape[0])
         out = self._run("unet", {"latents": latents, "pose_window": pose_window, "timestep": t,
                                  "encoder_hidden_states": ehs})
@@ -300,6 +339,13 @@ class TensorRTBackend(EngineBackend):
 
     def _load_options(self, options: dict) -> dict:
         return {"cuda_graph": bool(options.get("cuda_graph", True))}
+
+    def caching_availability(self, settings: SamplingSettings) -> Availability:
+        if settings.guidance_cache.enabled:
+            return Availability(False, "guidance caching calls the UNet on one branch (F samples), and the TensorRT "
+                                       "UNet profile starts at three per frame: use --backend torch, compiled or "
+                                       f"onnxruntime for --quality {settings.quality}")
+        return super().caching_availability(settings)
 
 
 BACKENDS: dict[str, type[Backend]] = {

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from dreampose.settings import NOISE_MODES, PRECISIONS, SCHEDULER_NAMES, EvalProtocol
+from dreampose.settings import NOISE_MODES, PRECISIONS, QUALITY_PRESETS, SCHEDULER_NAMES, EvalProtocol, check_int
 from dreampose.utils import DreamPoseError
 
 logger = logging.getLogger("dreampose_rt")
@@ -34,9 +34,9 @@ EXIT_INTERRUPTED = 130
 MACHINE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
                             errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ENAMETOOLONG, errno.EXDEV, errno.ELOOP,
                             errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.EIO})
-#: what --fast means: DPM-Solver++ in 15 steps (within 2% of 100 PNDM steps on SSIM and foreground IoU on
-#: the demo model; docs/quality.md)
-FAST = {"scheduler": "dpmpp", "steps": 15}
+QUALITY_HELP = ("exact: the paper's sampler (PNDM, the model's 100 steps, no caching); balanced and fast: fewer "
+                "UNet evaluations (guidance and deep-feature caching, fewer steps) at a measured cost in quality, "
+                "docs/quality.md (default: exact)")
 
 
 def parse_frames(spec: str, n_frames: int) -> list[int]:
@@ -79,20 +79,32 @@ def cmd_animate(args: argparse.Namespace) -> int:
             raise DreamPoseError(f"{image}: is a folder; --image takes one image file (PNG or JPEG)")
         if not image.is_file():
             raise DreamPoseError(f"{image}: image not found")
+    if args.fast and args.quality not in (None, "fast"):
+        raise DreamPoseError(f"--fast is --quality fast; it does not go with --quality {args.quality}")
     sampling = {
-        "scheduler": args.scheduler or (FAST["scheduler"] if args.fast else None),
-        "steps": args.steps if args.steps is not None else (FAST["steps"] if args.fast else None),
+        "quality": "fast" if args.fast else args.quality, "scheduler": args.scheduler, "steps": args.steps,
         "s_image": args.s_image, "s_pose": args.s_pose, "seed": args.seed, "noise": args.noise,
     }
     SamplingSettings.for_model(None, **sampling)  # the values checked; the model's defaults come later
     if args.frames_per_batch is not None:
         check_frames_per_batch(args.frames_per_batch)
-    resolve_device(args.device)
+    if args.ray is None:
+        resolve_device(args.device)
+    elif args.device != "auto":
+        raise DreamPoseError("--device does not go with --ray: each actor renders on its own GPU, or on CPUs")
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1)
     inputs = [args.image, args.poses, args.model or DEMO_MODEL_DIR, args.engines]
     check_outputs(args.out, inputs)
     poses = load_poses(args.poses) if args.poses is not None else None
     if poses is not None and args.frames:
         parse_frames(args.frames, len(poses))
+    if args.ray is not None:
+        return _animate_on_ray(args, sampling)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if args.model is None:
         logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)")
@@ -117,6 +129,56 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _animate_on_ray(args: argparse.Namespace, sampling: dict) -> int:
+    """``animate --ray``: the one video on a Ray cluster (dreampose_rt.distributed), same work folder."""
+    from .distributed import render_video
+
+    job = {"image": args.image, "poses": args.poses, "out": args.out, "model": args.model, "backend": args.backend,
+           "precision": args.precision, "engines": args.engines, "fps": args.fps, "frames": args.frames,
+           "frames_per_batch": args.frames_per_batch, "restart": args.restart,
+           **{k: v for k, v in sampling.items() if v is not None}}
+    address = None if args.ray == "local" else args.ray
+    r = render_video({k: v for k, v in job.items() if v is not None}, address, actors=args.actors,
+                     threads=args.threads, progress=not args.quiet)
+    logger.info("wrote %s: %d frames; %d rendered on the cluster, %d resumed", r.out, r.frames, r.rendered, r.resumed)
+    return EXIT_OK
+
+
+def cmd_render_jobs(args: argparse.Namespace) -> int:
+    from .distributed import read_jobs, render_jobs, summary_table
+
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1)
+    if args.actors is not None:
+        check_int("--actors", args.actors, 1)
+    jobs = read_jobs(args.jobs)
+    address = None if args.ray in (None, "local") else args.ray
+    state = Path(args.jobs).with_name(Path(args.jobs).name + ".done.json")
+    results = render_jobs(jobs, address, actors=args.actors, threads=args.threads, progress=not args.quiet,
+                          state=state)
+    sys.stdout.write(summary_table(results) + "\n")
+    failed = [r for r in results if r.status == "failed"]
+    logger.info("%d job(s): %d done, %d skipped (finished earlier), %d failed", len(results),
+                sum(r.status == "done" for r in results), sum(r.status == "skipped" for r in results), len(failed))
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def _add_render_jobs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render-jobs", help="render many videos on a Ray cluster (one JSON object per line)",
+                       description="Render many videos on a Ray cluster: JOBS is a JSON Lines file, one job per line "
+                                   "with image, poses, out, model and any animate setting (quality, steps, seed, "
+                                   "fps, frames, ...). Jobs are independent: one with bad input fails alone, with its "
+                                   "reason in the closing table; the exit code is 2 if any failed. A rerun skips "
+                                   "finished jobs (JOBS.done.json) and resumes partial ones. docs/distributed.md.")
+    p.add_argument("jobs", help="the jobs file (JSON Lines)")
+    p.add_argument("--ray", nargs="?", const="local", default="local", metavar="ADDRESS",
+                   help="a Ray cluster's address (default: a local cluster of this machine's GPUs, or its CPUs)")
+    p.add_argument("--actors", type=int, default=None, help="render actors (default: one per GPU, or per CPU group)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per actor (default: 1 on machines of up to 4 CPUs, else 4)")
+    p.set_defaults(func=cmd_render_jobs)
+
+
 def _add_animate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("animate", help="render a subject image along a pose sequence (no arguments: the demo)",
                        description="Render a subject image along a pose sequence, one video frame per pose. With no "
@@ -126,10 +188,10 @@ def _add_animate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poses", help="poses: folder of frame_<n>_densepose.npy, .npy/.npz (T, 2, H, W), or IUV images")
     p.add_argument("--out", default="demo.mp4", help="output: .mp4, .gif, or a folder for PNGs (default: demo.mp4)")
     p.add_argument("--model", help="DreamPose model folder (default: the embedded demo model)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 100)")
-    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="default: pndm (the paper's)")
-    p.add_argument("--fast", action="store_true",
-                   help="fast mode: DPM-Solver++ with 15 steps (within 2%% of 100 PNDM steps; docs/quality.md)")
+    p.add_argument("--quality", default=None, choices=tuple(QUALITY_PRESETS), help=QUALITY_HELP)
+    p.add_argument("--fast", action="store_true", help="the same as --quality fast")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's; exact: the model's, 100)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="default: the preset's (exact: pndm, the paper's)")
     p.add_argument("--s-image", type=float, default=None, help="image guidance scale (default: the model's)")
     p.add_argument("--s-pose", type=float, default=None, help="pose guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same frames (default: 0)")
@@ -146,6 +208,11 @@ def _add_animate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="default: fp16 on CUDA, fp32 on the CPU, the engines' own with --engines")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (of each actor with --ray; default: torch's, every core; with --ray see render-jobs)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="render on a Ray cluster: ADDRESS, or a local one of this machine's GPUs or CPUs (docs/distributed.md)")
+    p.add_argument("--actors", type=int, default=None, help="with --ray: render actors (default: one per GPU, or per CPU group)")
     p.set_defaults(func=cmd_animate)
 
 
@@ -163,8 +230,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     protocol = EvalProtocol(data=args.data, seed=args.test_seed, videos=args.videos, n_frames=args.frames,
                             stride=args.stride, max_targets=args.max_targets, fvd_clip=args.fvd_clip)
-    given = {"scheduler": args.scheduler, "steps": args.steps, "s_image": args.s_image, "s_pose": args.s_pose}
+    given = {"quality": args.quality, "scheduler": args.scheduler, "steps": args.steps, "s_image": args.s_image,
+             "s_pose": args.s_pose}
+    if args.quality == "exact" and args.steps is None:
+        given["steps"] = 100  # the protocol's
     SamplingSettings.for_model(None, **given)  # checked before the model is loaded
+    if args.compare_to is not None and args.compare_to == args.quality and args.scheduler is None and args.steps is None:
+        raise DreamPoseError(f"--compare-to {args.compare_to} is the render itself; compare another --quality with it")
     device = resolve_device(args.device)
     inputs = [args.model or DEMO_MODEL_DIR, None if args.data == "synth" else args.data, args.lpips, args.fid_model,
               args.fvd_model]
@@ -184,6 +256,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     fvd_model = load_feature_extractor(args.fvd_model, model.device, "FVD model") if args.fvd_model else None
     report = evaluate(model, protocol, sampling=sampling, model_name=name, lpips=lpips, keep_outputs=True,
                       progress=not args.quiet, fid_model=fid_model, fvd_model=fvd_model)
+    if args.compare_to is not None:
+        from dreampose.evaluation import compare_reports
+
+        reference = SamplingSettings.for_model(model.config, quality=args.compare_to, s_image=args.s_image,
+                                               s_pose=args.s_pose)
+        if args.compare_to == "exact":
+            reference = reference.replace(steps=100)
+        logger.info("evaluate: the reference render (%s, %s %d steps)", args.compare_to, reference.scheduler,
+                    reference.steps)
+        ref_report = evaluate(model, protocol, sampling=reference, model_name=name, keep_outputs=True,
+                              progress=not args.quiet)
+        report.comparison = compare_reports(report, ref_report)
     strip = strip_image(report, protocol, model.config.height, model.config.width)
     out = write_report(report, args.out, strip, inputs=inputs)
     sys.stdout.write(report.markdown())
@@ -213,8 +297,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, default=d.stride, help=f"every STRIDE-th frame is a target (default: {d.stride})")
     p.add_argument("--max-targets", type=int, default=d.max_targets,
                    help=f"at most this many targets per video (default: {d.max_targets})")
-    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="pndm", help="default: pndm (the paper's)")
-    p.add_argument("--steps", type=int, default=100, help="denoising steps (default: 100, the protocol's)")
+    p.add_argument("--quality", default="exact", choices=tuple(QUALITY_PRESETS), help=QUALITY_HELP)
+    p.add_argument("--compare-to", default=None, choices=tuple(QUALITY_PRESETS),
+                   help="also render with this preset and report PSNR / SSIM to its frames, both renders' SSIM and "
+                        "IoU to the ground truth, their frame-to-frame change and time (e.g. --quality balanced "
+                        "--compare-to exact: the cost of the preset on your model and data)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="default: the preset's (exact: pndm)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's; exact: 100, the protocol's)")
     p.add_argument("--s-image", type=float, default=None, help="image guidance scale (default: the model's)")
     p.add_argument("--s-pose", type=float, default=None, help="pose guidance scale (default: the model's)")
     p.add_argument("--lpips", default=None, help="a local exported LPIPS module (.pt2 or TorchScript)")
@@ -303,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_animate(sub)
     _add_evaluate(sub)
     _add_import_release(sub)
+    _add_render_jobs(sub)
     export_cli.add_parser(sub)  # build-engine
     training_cli.add_parser(sub)  # train, finetune, synth-data, prepare-data
     for p in sub.choices.values():

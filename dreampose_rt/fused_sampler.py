@@ -40,6 +40,7 @@ class FusedSampler:
         latents: torch.Tensor,
         scale_image: float | torch.Tensor = 1.0,
         scale_pose: float | torch.Tensor = 1.0,
+        guidance_cache: bool = False,
     ) -> None:
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
             raise ValueError("latents must be a 4-D tensor (F, C, H, W)")
@@ -70,14 +71,21 @@ class FusedSampler:
         self.scale_pose = torch.empty(frames, dtype=torch.float32, device=device)
         self.set_scales(scale_image, scale_pose)
         self.state = self._allocate_state()
+        # guidance caching (dreampose.guidance): the two guidance differences of the last refresh, fp32
+        # (2, F, C, H, W) in the latents' memory format; written by steps on 3F rows, read by steps on F rows
+        self.guidance_cache = (
+            torch.empty((2 * self.shape[0], *self.shape[1:]), dtype=torch.float32, device=device,
+                        memory_format=self.memory_format).view(2, *self.shape)
+            if guidance_cache else None
+        )
 
     @classmethod
     def from_scheduler(
         cls, scheduler, latents: torch.Tensor, scale_image: float | torch.Tensor = 1.0,
-        scale_pose: float | torch.Tensor = 1.0,
+        scale_pose: float | torch.Tensor = 1.0, guidance_cache: bool = False,
     ) -> "FusedSampler":  # fmt: skip
         """From a :class:`dreampose_rt.scheduler.DiffusionScheduler` after ``set_timesteps``."""
-        return cls(scheduler.coefficient_table(), latents, scale_image, scale_pose)
+        return cls(scheduler.coefficient_table(), latents, scale_image, scale_pose, guidance_cache)
 
     def _allocate_state(self) -> StepState:
         """fp32 buffers in the memory format of the latents (the table never reads before writing)."""
@@ -121,12 +129,18 @@ class FusedSampler:
     def step(self, unet_out: torch.Tensor, latents: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the current step (read from the device counter), then advance the counter.
 
-        unet_out ``(3F, C, H, W)``, latents ``(F, C, H, W)``; out ``(F, C, H, W)`` or None (allocated).
-        Returns the next latents. Past the last step the output is NaN (the kernel cannot raise).
+        unet_out ``(3F, C, H, W)`` (the three branches; with guidance caching, their differences are kept)
+        or ``(F, C, H, W)`` (the image-and-pose branch alone: a cached step, guidance caching only),
+        latents ``(F, C, H, W)``; out ``(F, C, H, W)`` or None (allocated). Returns the next latents. Past
+        the last step the output is NaN (the kernel cannot raise).
         """
-        result = guided_step(
-            unet_out, latents, self.table, self.step_index, self.scale_image, self.scale_pose, self.state, out=out
-        )
+        if self.guidance_cache is None:
+            result = guided_step(
+                unet_out, latents, self.table, self.step_index, self.scale_image, self.scale_pose, self.state, out=out
+            )
+        else:
+            result = guided_step(unet_out, latents, self.table, self.step_index, self.scale_image, self.scale_pose,
+                                 self.state, out=out, guidance_cache=self.guidance_cache)
         self.step_index.add_(1)
         return result
 

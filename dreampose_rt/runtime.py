@@ -26,10 +26,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from dreampose.deep_cache import DeepFeatures
 from dreampose.guidance import NUM_BRANCHES, branch_batch
 from dreampose.images import ImageLike, load_image, to_uint8
 from dreampose.model import DreamPoseModel
-from dreampose.pipeline import SubjectConditioning, batch_noise, check_frames_per_batch, resolve_frames
+from dreampose.pipeline import SubjectConditioning, batch_noise, check_frames_per_batch, frame_batches, resolve_frames
 from dreampose.poses import load_poses, pose_window, prepare_poses
 from dreampose.settings import PRECISIONS, SamplingSettings, check_choice, sampling_settings, torch_dtype
 from dreampose.timing import PhaseTimer, timed
@@ -174,6 +175,20 @@ class Runtime:
     def config(self):
         return self.model.config
 
+    def identity(self) -> dict[str, str]:
+        """What decides this runtime's frames besides the inputs and settings: the weights, the backend,
+        the device type and the dtype (a resumable render's work folder records it)."""
+        return {"model": self.fingerprint, "backend": self.backend.name, "device": self.device.type,
+                "dtype": str(self.dtype)}
+
+    def describe(self) -> str:
+        """One line: the backend, the device, the dtype."""
+        return self.backend.describe()
+
+    def check_frames_per_batch(self, frames_per_batch: int) -> None:
+        """Raise DreamPoseError if the backend cannot take ``frames_per_batch`` frames per call."""
+        self.backend.check_frames_per_batch(check_frames_per_batch(frames_per_batch))
+
     # ---- conditioning -----------------------------------------------------------------------
     def load_subject(self, image: ImageLike | None) -> torch.Tensor:
         """The subject as pixels (1, 3, H, W) in [-1, 1] at the model's resolution (demo subject if None)."""
@@ -265,37 +280,64 @@ class Runtime:
         on_step,
     ) -> torch.Tensor:
         """The whole sampler for F frames: noise (F, C, h, w) float32 -> latents (F, C, h, w) float32.
-        window: the pose windows (F, 2 * n_poses, h, w) in [-1, 1]."""
+        window: the pose windows (F, 2 * n_poses, h, w) in [-1, 1].
+
+        Each UNet call follows the settings' call plan (SamplingSettings.call_plan): a refresh evaluates the
+        three guidance branches (3F samples), a cached call the image-and-pose branch alone (F samples, the
+        guidance differences kept by the fused update); a full call runs the whole UNet, a shallow one its
+        outermost blocks on the deep features kept by the last full call. Without caching every call is a
+        full refresh: the exact run."""
         s_image, s_pose = settings.s_image, settings.s_pose
         sched = self._make_scheduler(settings.scheduler, settings.steps)
         latents = (noise * sched.init_noise_sigma).contiguous()
-        _, p, ehs = branch_batch(latents, window, subject.cond, subject.null)
-        p, ehs = p.to(self.dtype), ehs.to(self.dtype)
+        f = latents.shape[0]
+        _, p3, ehs3 = branch_batch(latents, window, subject.cond, subject.null)
+        inputs = {True: (p3.to(self.dtype), ehs3.to(self.dtype)),
+                  False: (window.to(self.dtype), subject.cond.to(self.dtype).expand(f, -1, -1))}
+        plan = settings.call_plan(len(sched.timesteps))
+        features = DeepFeatures(frames=f) if settings.feature_cache.enabled else None
+        guidance_cache = None
+        if settings.guidance_cache.enabled:
+            guidance_cache = torch.empty((2, *latents.shape), dtype=torch.float32, device=latents.device,
+                                         memory_format=torch.contiguous_format)
+
+        def unet(refresh: bool, full: bool, timestep: torch.Tensor) -> torch.Tensor:
+            x = latents.repeat(NUM_BRANCHES, 1, 1, 1) if refresh else latents
+            p, ehs = inputs[refresh]
+            if features is None:
+                return self.backend.unet(x, p, timestep, ehs)
+            return self.backend.unet(x, p, timestep, ehs, features=features, full=full)
+
         if self.data_plane() == "triton":
             from .fused_sampler import FusedSampler
 
-            sampler = FusedSampler.from_scheduler(sched, latents, s_image, s_pose)
+            sampler = FusedSampler.from_scheduler(sched, latents, s_image, s_pose,
+                                                  guidance_cache=settings.guidance_cache.enabled)
             if self._use_cuda_graph():
-                return self._denoise_graph(sampler, latents, p, ehs, on_step)
-            for k, t in enumerate(sched.timesteps):
+                return self._denoise_graph(sampler, latents, plan, unet, on_step)
+            for k, (refresh, full) in enumerate(plan):
                 with nvtx_range(f"step {k}"):
                     # PNDM, DDIM and DPM-Solver++ take the sample unscaled (init_noise_sigma = 1)
                     with timed(self.timer, "unet"):
-                        eps = self.backend.unet(latents.repeat(NUM_BRANCHES, 1, 1, 1), p, t, ehs)
+                        eps = unet(refresh, full, sched.timesteps[k])
                     with timed(self.timer, "guidance_update"):
                         sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
                 on_step()
             return latents
         # the UNet takes the timestep as a device tensor, the scheduler as a Python int (no GPU sync per step)
         for k, (t, t_int) in enumerate(zip(sched.timesteps, sched.timesteps.tolist())):
+            refresh, full = plan[k]
             with nvtx_range(f"step {k}"):
-                x = sched.scale_model_input(latents, t_int).repeat(NUM_BRANCHES, 1, 1, 1)
                 with timed(self.timer, "unet"):
-                    eps = self.backend.unet(x, p, t, ehs)
+                    eps = unet(refresh, full, t)
                 with timed(self.timer, "guidance_update"):
                     # in place: no new tensor per step (allocating and first-touching one costs more than the step)
-                    sched.step_guided(eps.to(latents.dtype), t_int, latents, s_image, s_pose, return_dict=False,
-                                      out=latents)
+                    if guidance_cache is None:
+                        sched.step_guided(eps.to(latents.dtype), t_int, latents, s_image, s_pose, return_dict=False,
+                                          out=latents)
+                    else:
+                        sched.step_guided(eps.to(latents.dtype), t_int, latents, s_image, s_pose, return_dict=False,
+                                          out=latents, guidance_cache=guidance_cache)
             on_step()
         return latents
 
@@ -305,23 +347,27 @@ class Runtime:
         return (self.device.type == "cuda" and self.cuda_graph and self.timer is None
                 and self.backend.graph_capturable)
 
-    def _denoise_graph(self, sampler, latents: torch.Tensor, p: torch.Tensor, ehs: torch.Tensor, on_step) -> torch.Tensor:
-        """The whole step (UNet on 3F samples + the fused update, the timestep read from the sampler's
-        device counter) captured once in a CUDA graph and replayed for every step: no host work and no
-        launch gaps between steps. One warm-up step runs first (it compiles and autotunes outside the
-        capture); the run then restarts from the noise. latents (F, C, h, w) float32 is updated in place."""
+    def _denoise_graph(self, sampler, latents: torch.Tensor, plan: list[tuple[bool, bool]], unet, on_step) -> torch.Tensor:
+        """Each kind of step (UNet at 3F or F samples, whole or shallow, + the fused update, the timestep read
+        from the sampler's device counter) captured once in a CUDA graph and replayed for every step of its
+        kind: no host work and no launch gaps between steps. Each capture runs its step once first (it
+        compiles and autotunes outside the capture); the run then restarts from the noise. The full refresh
+        step is captured first: it allocates the buffers the others read (step 0 is one and writes them
+        before any read). latents (F, C, h, w) float32 is updated in place."""
         noise = latents.clone()
+        graphs = {}
+        for mode in sorted(set(plan), reverse=True):  # (True, True) first
 
-        def body() -> None:
-            eps = self.backend.unet(latents.repeat(NUM_BRANCHES, 1, 1, 1), p, sampler.timestep(), ehs)
-            sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
+            def body(mode: tuple[bool, bool] = mode) -> None:
+                eps = unet(*mode, sampler.timestep())
+                sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
 
-        graph, _ = capture(body, self.device)  # on the process's warm-up stream (see dreampose_rt.graphs)
+            graphs[mode], _ = capture(body, self.device)  # on the process's warm-up stream (dreampose_rt.graphs)
         latents.copy_(noise)
         sampler.reset()
-        for k in range(sampler.num_steps):
+        for k, mode in enumerate(plan):
             with nvtx_range(f"step {k}"):
-                graph.replay()
+                graphs[mode].replay()
             on_step()
         return latents
 
@@ -343,16 +389,19 @@ class Runtime:
 
         c = self.config
         settings = sampling_settings(c, settings, sampling)
+        caching = self.backend.caching_availability(settings)
+        if not caching:
+            raise DreamPoseError(f"the {self.backend.name} backend cannot render --quality {settings.quality}: "
+                                 f"{caching.reason}")
         pose_arr = load_poses(poses)
         frames = resolve_frames(frames, len(pose_arr))
         fpb = self.auto_frames_per_batch() if frames_per_batch is None else check_frames_per_batch(frames_per_batch)
-        self.backend.check_frames_per_batch(fpb)
+        self.check_frames_per_batch(fpb)
 
         subject = self.encode(image)
         pose_seq = prepare_poses(pose_arr, (c.height, c.width), self.model.latent_size, self.device)
         skip_set = set(skip)
-        batches = [frames[i : i + fpb] for i in range(0, len(frames), fpb)]
-        todo = [b for b in batches if not set(b) <= skip_set]
+        todo = [b for b in frame_batches(frames, fpb) if not set(b) <= skip_set]
         n_calls = len(self._make_scheduler(settings.scheduler, settings.steps).timesteps)
         shape = (self.model.latent_channels, *self.model.latent_size)
         bar = tqdm(

@@ -107,3 +107,13 @@ class ReferenceFrames(dict):
 def reference(tiny_model, subject_image, pose_seq):
     """What the runtime's renders are compared with (tests/test_runtime.py, tests/test_runtime_cuda.py)."""
     return ReferenceFrames(tiny_model, subject_image, pose_seq)
+
+
+@pytest.fixture(scope="session")
+def ort_engines(tiny_model_dir, tmp_path_factory):
+    """ONNX Runtime engines (fp32, up to 2 frames per call) of the tiny model folder, built once."""
+    from dreampose_rt.export.build import build_engines
+
+    out = tmp_path_factory.mktemp("engines") / "ort"
+    build_engines(tiny_model_dir, out, backend="onnxruntime", precision="fp32", max_frames=2)
+    return out

@@ -122,7 +122,7 @@ def test_import_release_cli(tmp_path):
     assert not (tmp_path / "m2").exists()
 
 
-def test_fast_mode_picks_the_measured_preset(tmp_path, inputs, tiny_model_dir, monkeypatch):
+def test_quality_presets_and_fast_mode(tmp_path, inputs, tiny_model_dir, monkeypatch):
     import dreampose_rt.animate as animate
 
     seen = []
@@ -135,7 +135,13 @@ def test_fast_mode_picks_the_measured_preset(tmp_path, inputs, tiny_model_dir, m
     image, poses = inputs
     base = ["animate", "--image", str(image), "--poses", str(poses), "--model", str(tiny_model_dir),
             "--out", str(tmp_path / "o.mp4"), "--quiet"]
+    from dreampose.settings import QUALITY_PRESETS
+
     assert main(base + ["--fast"]) == 130
     assert main(base + ["--fast", "--steps", "20"]) == 130
+    assert main(base + ["--quality", "balanced"]) == 130
     assert main(base) == 130
-    assert [(s.scheduler, s.steps) for s in seen] == [("dpmpp", 15), ("dpmpp", 20), ("pndm", 100)]
+    fast, balanced = QUALITY_PRESETS["fast"], QUALITY_PRESETS["balanced"]
+    assert [(s.quality, s.scheduler, s.steps) for s in seen] == [
+        ("fast", "dpmpp", fast["steps"]), ("custom", "dpmpp", 20), ("balanced", "pndm", 100), ("exact", "pndm", 100)]
+    assert seen[0].guidance_cache == fast["guidance_cache"] and seen[2].feature_cache == balanced["feature_cache"]

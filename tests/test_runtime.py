@@ -52,15 +52,6 @@ def test_channels_last_torch_backend_matches_the_reference(tiny_model_dir, refer
     _close(out, reference["pndm"])
 
 
-@pytest.fixture(scope="module")
-def ort_engines(tiny_model_dir, tmp_path_factory):
-    from dreampose_rt.export.build import build_engines
-
-    out = tmp_path_factory.mktemp("engines") / "ort"
-    build_engines(tiny_model_dir, out, backend="onnxruntime", precision="fp32", max_frames=2)
-    return out
-
-
 def test_onnxruntime_backend_matches_the_reference(tiny_model_dir, ort_engines, reference, subject_image, pose_seq):
     rt = Runtime.from_pretrained(tiny_model_dir, backend="onnxruntime", engines=ort_engines)
     assert rt.backend.name == "onnxruntime" and rt.dtype == torch.float32

@@ -342,5 +342,7 @@ def make_wrapper(name: str, model: "DreamPoseModel", precision: str = "fp32", **
     wrapper = WRAPPERS[name](model, precision, **kwargs)
     for child in wrapper.children():
         if not isinstance(child, CLIPPreprocess):  # the CLIP resize runs in fp32 at every precision
-            child.to(wrapper.dtype)
+            # nn.Module.to, not diffusers' override: that one warns about "modules that should be kept in
+            # float32" even when it lists none (a diffusers quirk; SD 1.x has none)
+            nn.Module.to(child, wrapper.dtype)
     return wrapper.eval()
