@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .deep_cache import DeepFeatures
+from .deep_cache import DeepFeatures, supports
 from .guidance import (
     NUM_BRANCHES,
     branch_batch,
@@ -145,7 +145,12 @@ class DreamPosePipeline:
         """The render's settings (``settings``, or the model's defaults overridden by ``sampling``: steps,
         scheduler, s_image, s_pose, seed, noise), all checked (DreamPoseError names the value)."""
         check_frames_per_batch(frames_per_batch)
-        return sampling_settings(self.model.config, settings, sampling)
+        settings = sampling_settings(self.model.config, settings, sampling)
+        if settings.feature_cache.enabled:
+            why = supports(self.model.unet)
+            if why is not None:
+                raise DreamPoseError(f"feature_cache: {why}")
+        return settings
 
     # ---- 2. conditioning ----------------------------------------------------------------------
     @torch.no_grad()

@@ -203,25 +203,33 @@ def resize_poses(poses: np.ndarray | torch.Tensor, size: tuple[int, int]) -> tor
     return x
 
 
-def prepare_poses(
-    poses: np.ndarray | torch.Tensor,
-    image_size: tuple[int, int],
-    latent_size: tuple[int, int],
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Poses (T, 2, H', W') in [0, 1] -> model input (T, 2, h, w) in [-1, 1] (background -> -1).
-
-    Resized to the image size (bilinear) and then to the latent size (nearest), as DreamPose was trained.
-    A pose sequence whose aspect ratio differs from the model's is stretched, with a warning.
-    """
-    x = torch.as_tensor(np.asarray(poses) if not isinstance(poses, torch.Tensor) else poses, dtype=torch.float32)
-    x = x.to(device)
-    src_h, src_w = x.shape[-2:]
+def check_pose_aspect(pose_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """Warn when poses of ``pose_size`` (H', W') will be stretched to the model's ``image_size`` (H, W)."""
+    src_h, src_w = pose_size
     if abs(src_h / src_w - image_size[0] / image_size[1]) > 0.02 * image_size[0] / image_size[1]:
         logger.warning(
             "poses are %d x %d but the model renders %d x %d: the aspect ratio differs, poses are stretched",
             src_h, src_w, image_size[0], image_size[1],
         )
+
+
+def prepare_poses(
+    poses: np.ndarray | torch.Tensor,
+    image_size: tuple[int, int],
+    latent_size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    warn: bool = True,
+) -> torch.Tensor:
+    """Poses (T, 2, H', W') in [0, 1] -> model input (T, 2, h, w) in [-1, 1] (background -> -1).
+
+    Resized to the image size (bilinear) and then to the latent size (nearest), as DreamPose was trained.
+    A pose sequence whose aspect ratio differs from the model's is stretched, with a warning (``warn``;
+    see :func:`check_pose_aspect`).
+    """
+    x = torch.as_tensor(np.asarray(poses) if not isinstance(poses, torch.Tensor) else poses, dtype=torch.float32)
+    x = x.to(device)
+    if warn:
+        check_pose_aspect(tuple(x.shape[-2:]), image_size)
     x = resize_poses(x, image_size)
     if tuple(image_size) != tuple(latent_size):
         x = F.interpolate(x, size=latent_size, mode="nearest")
@@ -248,3 +256,24 @@ def pose_window(poses: torch.Tensor, frames: list[int] | range, n_poses: int = 5
     t = poses.shape[0]
     idx = torch.tensor([window_indices(i, t, n_poses) for i in frames], device=poses.device)  # (F, n)
     return poses[idx].flatten(1, 2)
+
+
+def prepared_window(
+    poses: np.ndarray,
+    frames: list[int] | range,
+    image_size: tuple[int, int],
+    latent_size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    n_poses: int = 5,
+) -> torch.Tensor:
+    """:func:`pose_window` of :func:`prepare_poses`, preparing only the poses the windows use: raw poses
+    (T, 2, H', W') in [0, 1] -> (len(frames), 2 * n_poses, h, w) in [-1, 1]. Equal to preparing the whole
+    sequence (poses are resized one by one), at a cost that does not grow with T. Does not warn about the
+    aspect ratio (the caller does, once per sequence: :func:`check_pose_aspect`)."""
+    t = len(poses)
+    windows = [window_indices(i, t, n_poses) for i in frames]
+    needed = sorted({j for w in windows for j in w})
+    at = {j: k for k, j in enumerate(needed)}
+    prepared = prepare_poses(np.asarray(poses)[needed], image_size, latent_size, device, warn=False)
+    idx = torch.tensor([[at[j] for j in w] for w in windows], device=prepared.device)
+    return prepared[idx].flatten(1, 2)

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -60,6 +61,8 @@ class RenderSource(Protocol):
     def auto_frames_per_batch(self) -> int: ...
 
     def check_frames_per_batch(self, frames_per_batch: int) -> None: ...
+
+    def check_settings(self, settings: SamplingSettings) -> None: ...
 
     def stream(self, poses: np.ndarray, image: ImageLike | None, *, settings: SamplingSettings, frames: Sequence[int],
                frames_per_batch: int, progress: bool, skip: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]: ...
@@ -169,12 +172,14 @@ class RenderJob:
             check_frames_per_batch(frames_per_batch)
         self._given_fpb = frames_per_batch
         check_outputs(self.out, self.inputs)
+        source.check_settings(settings)
         self.pixels = source.load_subject(image)
         self.work = work_folder(self.out)
         self.frames_per_batch = 0
         self.done: set[int] = set()
         self.rendered = 0
         self._lock: contextlib.ExitStack | None = None
+        self._created = False
         self._start = 0.0
 
     def __enter__(self) -> "RenderJob":
@@ -201,6 +206,7 @@ class RenderJob:
             self.done = _resume(self.work, previous, identity, self.restart, (c.height, c.width))
             if self.done:
                 logger.info("resuming %s: %d of %d frames already rendered", self.work, len(self.done), len(self.frames))
+            self._created = not self.work.exists()
             claim_output_dir(self.work, COMMAND, self.inputs, legacy=_is_legacy_work_folder)
             write_json(self.work / SETTINGS, identity)
         except BaseException:
@@ -211,7 +217,14 @@ class RenderJob:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._lock is not None:
+        """Release the lock; a work folder this render created and left without a frame (it failed before
+        its first) is removed."""
+        if self._lock is None:
+            return
+        try:
+            if self._created and self.work.is_dir() and not _frame_files(self.work):
+                shutil.rmtree(self.work)
+        finally:
             self._lock.close()
             self._lock = None
 
@@ -242,21 +255,49 @@ class RenderJob:
                             self.source.describe())
 
 
+#: the first line of the lock file a render holds beside its output (how a leftover lock is told from a user's file)
+_LOCK_TAG = "dreampose-rt render lock"
+
+
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock for rendering ``out``: a second render to the same output fails at once."""
+    """Hold an exclusive lock for rendering ``out`` (``<OUT>.lock``, the project's own file): a second render
+    to the same output fails at once. A lock left by a killed render is taken over; a file of that name that
+    the project did not write is refused, never removed."""
     lock_path = out.with_name(out.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
+    while True:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            os.write(fd, f"{_LOCK_TAG}\npid {os.getpid()}\n".encode())
+        except FileExistsError:
+            try:
+                fd = os.open(lock_path, os.O_RDWR)
+            except FileNotFoundError:  # removed since (a render finished): try again
+                continue
+            if not os.read(fd, len(_LOCK_TAG)).decode(errors="replace") == _LOCK_TAG:
+                os.close(fd)
+                raise DreamPoseError(f"{lock_path} exists and was not written by dreampose-rt; move it away or "
+                                     "choose another output") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise DreamPoseError(f"{out}: another render is writing this output (lock {lock_path})") from None
+        try:  # the file locked must still be the one at the path (a finishing render removes its lock)
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
         try:
-            yield
+            lock_path.unlink(missing_ok=True)  # removed while still held: a waiting render then re-checks the path
         finally:
-            lock_path.unlink(missing_ok=True)
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def _is_legacy_work_folder(work: Path) -> bool:

@@ -29,14 +29,14 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from dreampose.settings import SamplingSettings, check_int
-from dreampose.utils import DreamPoseError, PathLike, atomic_file
+from dreampose.utils import DreamPoseError, PathLike, atomic_file, first_line
 
 from .animate import RenderJob
 
@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 #: actor restarts and task retries Ray makes after a worker dies; then the driver requeues the batch
 MAX_RESTARTS = 3
 MAX_REQUEUES = 3
+#: seconds the actors have to start (be placed on the cluster and import torch); those that have not are dropped
+ACTOR_START_S = 120.0
 #: batches in flight per actor (the next one waits in the actor's queue: no idle gap between batches)
 IN_FLIGHT = 2
 
@@ -107,6 +109,10 @@ class RenderActor:
         rt = self._runtime(spec)
         return list(rt.stream(poses, image, settings=settings, frames=batch, frames_per_batch=len(batch)))
 
+    def check_settings(self, spec: RuntimeSpec, settings: SamplingSettings) -> None:
+        """Raise DreamPoseError if ``spec``'s Runtime cannot sample with ``settings``."""
+        self._runtime(spec).check_settings(settings)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -115,6 +121,17 @@ def _unwrap(e: BaseException) -> BaseException:
     """The exception raised inside an actor (Ray wraps it in a RayTaskError)."""
     cause = getattr(e, "cause", None)
     return cause if isinstance(cause, BaseException) else e
+
+
+def _get(ray: Any, ref: Any) -> Any:
+    """``ray.get(ref)``; the user's error an actor raised (a DreamPoseError) raised here as itself."""
+    try:
+        return ray.get(ref)
+    except Exception as e:  # noqa: BLE001 - Ray wraps what the actor raised
+        cause = _unwrap(e)
+        if isinstance(cause, DreamPoseError):
+            raise DreamPoseError(str(cause)) from None
+        raise
 
 
 class Cluster:
@@ -129,9 +146,14 @@ class Cluster:
     """
 
     def __init__(self, address: str | None = None, actors: int | None = None, threads: int | None = None) -> None:
+        if actors is not None:
+            check_int("actors", actors, 1)
+        if threads is not None:
+            check_int("threads", threads, 1)
         ray = import_ray()
         self._ray = ray
         self._started = False
+        self.actors: list[Any] = []
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
             if address in (None, "local"):
@@ -142,26 +164,56 @@ class Cluster:
                 except (ConnectionError, RuntimeError, ValueError) as e:
                     raise DreamPoseError(f"cannot reach the Ray cluster at {address} ({e})") from None
             self._started = True
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-        if actors is not None:
-            check_int("actors", actors, 1)
-        if threads is not None:
-            check_int("threads", threads, 1)
+        try:
+            self._start_actors(actors, threads)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_actors(self, actors: int | None, threads: int | None) -> None:
+        """Start the actors: as many as asked (checked against the cluster's GPUs or CPUs), by default as many
+        as the resources free now hold; keep those that start within ACTOR_START_S."""
+        ray = self._ray
+        total, free = ray.cluster_resources(), ray.available_resources()
+        gpus, cpus = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
         if gpus:
-            n = actors or gpus
+            if actors is not None and actors > gpus:
+                raise DreamPoseError(f"actors {actors}: the cluster has {gpus} GPU(s), one per actor")
+            n = actors or max(1, int(free.get("GPU", 0)))
             threads = threads or max(1, cpus // n)
             options = {"num_gpus": 1, "num_cpus": min(threads, cpus // n or 1)}
             device = "cuda"
         else:
             threads = threads or (1 if cpus <= 4 else 4)
-            n = actors or max(1, cpus // threads)
+            if threads > cpus:
+                raise DreamPoseError(f"threads {threads}: the cluster has {cpus} CPU(s)")
+            if actors is not None and actors * threads > cpus:
+                raise DreamPoseError(f"actors {actors} x threads {threads}: the cluster has {cpus} CPU(s)")
+            n = actors or max(1, int(free.get("CPU", cpus)) // threads)
             options = {"num_cpus": threads}
             device = "cpu"
         remote = ray.remote(RenderActor).options(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, **options)
-        self.actors = [remote.remote(device, threads) for _ in range(n)]
+        started = [remote.remote(device, threads) for _ in range(n)]
+        pids = {a.pid.remote(): a for a in started}
+        ready, waiting = ray.wait(list(pids), num_returns=n, timeout=ACTOR_START_S)
+        for ref in waiting:  # not placed (the cluster's resources are taken) or still starting
+            ray.kill(pids[ref])
+        self.actors = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+                self.actors.append(pids[ref])
+            except ray.exceptions.RayError as e:  # the actor failed to start
+                logger.warning("ray: an actor failed to start (%s)", first_line(str(e)))
+                ray.kill(pids[ref])
+        if not self.actors:
+            raise DreamPoseError(f"no render actor started on the Ray cluster within {ACTOR_START_S:.0f} s "
+                                 f"(each needs {options}; free now: {free})")
+        if waiting:
+            logger.warning("ray: %d of %d actor(s) did not start within %.0f s; rendering on %d",
+                           len(waiting), n, ACTOR_START_S, len(self.actors))
         self.device, self.threads = device, threads
-        logger.info("ray: %d %s actor(s), %d thread(s) each", n, device, threads)
+        logger.info("ray: %d %s actor(s), %d thread(s) each", len(self.actors), device, threads)
 
     def shutdown(self) -> None:
         """Stop the actors (and the local Ray this cluster started)."""
@@ -179,39 +231,60 @@ class Cluster:
 
     def source(self, spec: RuntimeSpec) -> "ClusterSource":
         """The render source (dreampose_rt.animate.RenderSource) of ``spec`` on this cluster."""
-        try:
-            info = self._ray.get(self.actors[0].describe.remote(spec))
-        except Exception as e:  # noqa: BLE001 - Ray wraps what the actor raised
-            cause = _unwrap(e)
-            if isinstance(cause, DreamPoseError):
-                raise DreamPoseError(str(cause)) from None
-            raise
-        return ClusterSource(self, spec, info)
+        return ClusterSource(self, spec, _get(self._ray, self.actors[0].describe.remote(spec)))
 
-    def run(self, tasks: Iterable[Task], progress: bool = True) -> Iterator[tuple[Task, list[tuple[int, np.ndarray]] | str]]:
-        """Render ``tasks`` (one batch each) on whichever actor is free; yield (task, its frames) as batches
-        finish, or (task, the one-line reason) when the actor raised the user's error (a DreamPoseError)
-        for it. Keeps every actor's queue IN_FLIGHT batches deep; a batch whose actor is lost for good (after
-        Ray's restarts and retries) goes back to the queue, up to MAX_REQUEUES times."""
+    def run(self, tasks: Iterable[Task], progress: bool = True,
+            total: int | None = None) -> Iterator[tuple[Task, list[tuple[int, np.ndarray]] | str | None]]:
+        """Render ``tasks`` (one batch each; an iterable read as actors need work, so a long queue of jobs is
+        prepared as it goes) on whichever actor is free. Yields (task, its frames) as batches finish; (task,
+        the one-line reason) when the actor raised the user's error (a DreamPoseError) for it; (task, None)
+        for a task cancelled (its owner failed) before it ran. Keeps every actor IN_FLIGHT batches deep.
+
+        Faults: Ray restarts an actor that dies and retries its batches (MAX_RESTARTS); an actor lost for good
+        leaves the pool and its batches go back to the queue, each up to MAX_REQUEUES times; the run fails
+        only when no actor is left. ``total``: frames, for the progress bar (None: counted as tasks come).
+        """
         from tqdm.auto import tqdm
 
         ray = self._ray
-        queue: collections.deque[tuple[Task, int]] = collections.deque((t, 0) for t in tasks)
-        bar = tqdm(total=sum(len(t.batch) for t, _ in queue), unit="frame", disable=not progress, desc="rendering",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
+        source = iter(tasks)
+        queue: collections.deque[tuple[Task, int]] = collections.deque()
+        bar = tqdm(total=total, unit="frame", disable=not progress, desc="rendering", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 15.0)
         in_flight: dict[Any, tuple[Task, int, Any]] = {}
         load = {id(a): 0 for a in self.actors}
+        exhausted = False
+
+        def refill() -> None:
+            nonlocal exhausted
+            while not exhausted and len(queue) < IN_FLIGHT * max(1, len(self.actors)):
+                task = next(source, None)
+                if task is None:
+                    exhausted = True
+                else:
+                    queue.append((task, 0))
+                    if total is None:
+                        bar.total = (bar.total or 0) + len(task.batch)
+
         try:
-            while queue or in_flight:
+            while True:
+                refill()
                 for actor in self.actors:
                     while queue and load[id(actor)] < IN_FLIGHT:
                         task, tries = queue.popleft()
                         if task.cancelled():
+                            bar.total -= len(task.batch)
+                            bar.refresh()
+                            yield task, None
+                            refill()
                             continue
                         ref = actor.render.remote(task.spec, task.image_ref, task.poses_ref, task.settings, task.batch)
                         in_flight[ref] = (task, tries, actor)
                         load[id(actor)] += 1
+                    refill()
                 if not in_flight:
+                    if queue or not exhausted:
+                        continue  # only cancelled tasks came: take the next
                     break
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
@@ -219,36 +292,29 @@ class Cluster:
                     load[id(actor)] -= 1
                     try:
                         frames = ray.get(ref)
-                    except ray.exceptions.RayActorError:  # the actor is gone for good (after Ray's restarts)
+                    except ray.exceptions.RayActorError as e:
+                        if not isinstance(e, ray.exceptions.ActorUnavailableError) and actor in self.actors:
+                            self.actors.remove(actor)  # dead for good, after Ray's restarts
+                            logger.warning("ray: an actor was lost (%d left)", len(self.actors))
+                        if not self.actors:
+                            raise DreamPoseError(f"every render actor was lost ({first_line(str(e))})") from None
                         if tries >= MAX_REQUEUES:
                             raise
-                        logger.warning("ray: an actor was lost; frames %s go back to the queue", task.batch)
+                        logger.warning("ray: frames %s go back to the queue", task.batch)
                         queue.appendleft((task, tries + 1))
                         continue
                     except Exception as e:  # noqa: BLE001 - Ray wraps what the actor raised
                         cause = _unwrap(e)
                         if not isinstance(cause, DreamPoseError):
                             raise
+                        bar.total -= len(task.batch)
+                        bar.refresh()
                         yield task, str(cause)
                         continue
                     bar.update(len(task.batch))
                     yield task, frames
         finally:
             bar.close()
-
-    def render(self, jobs: Sequence["ClusterJob"], progress: bool = True) -> None:
-        """Render every batch of ``jobs`` (entered RenderJobs), writing frames as they come. A job whose
-        batch fails with the user's error stops alone (its ``error`` says why); the others go on."""
-        tasks = [Task(job.spec, job.image_ref, job.poses_ref, job.render.settings, batch, job)
-                 for job in jobs for batch in job.render.batches]
-        for task, result in self.run(tasks, progress):
-            job = task.owner
-            if isinstance(result, str):
-                job.error = result
-                continue
-            for i, frame in result:
-                job.render.write(i, frame)
-
 
 @dataclass
 class Task:
@@ -313,6 +379,9 @@ class ClusterSource:
         if limit is not None and frames_per_batch > limit:
             raise DreamPoseError(f"frames_per_batch {frames_per_batch} is more than the engines take ({limit})")
 
+    def check_settings(self, settings: SamplingSettings) -> None:
+        _get(self.cluster._ray, self.cluster.actors[0].check_settings.remote(self.spec, settings))
+
     def stream(self, poses: np.ndarray, image: Any, *, settings: SamplingSettings, frames: Sequence[int],
                frames_per_batch: int, progress: bool = False, skip: Sequence[int] = ()) -> Iterator[tuple[int, np.ndarray]]:
         """(frame index, uint8 frame (H, W, 3)) as the cluster finishes them, in the order batches finish:
@@ -325,7 +394,7 @@ class ClusterSource:
         skip_set = set(skip)
         tasks = [Task(self.spec, image_ref, poses_ref, settings, batch)
                  for batch in frame_batches(list(frames), frames_per_batch) if not set(batch) <= skip_set]
-        for _, result in self.cluster.run(tasks, progress):
+        for _, result in self.cluster.run(tasks, progress, total=sum(len(t.batch) for t in tasks)):
             if isinstance(result, str):
                 raise DreamPoseError(result)
             for i, frame in result:
@@ -365,7 +434,6 @@ class JobResult:
     rendered: int = 0
     resumed: int = 0
     seconds: float = 0.0
-    identity: dict = field(default_factory=dict, repr=False)
 
 
 def read_jobs(path: PathLike) -> list[dict]:
@@ -402,8 +470,10 @@ def _frames_of(spec: Any, n_poses: int) -> list[int] | None:
     raise DreamPoseError(f"frames must be 'A:B' or a list of indices, got {spec!r}")
 
 
-def _prepare(cluster: Cluster, index: int, job: dict, sources: dict[RuntimeSpec, ClusterSource]) -> ClusterJob:
-    """Check a job and open its RenderJob (its work folder claimed); DreamPoseError says why it cannot run."""
+def _prepare(cluster: Cluster, index: int, job: dict, sources: dict[RuntimeSpec, ClusterSource],
+             other_inputs: Sequence[str] = ()) -> ClusterJob:
+    """Check a job and make its RenderJob (nothing written yet); DreamPoseError says why it cannot run.
+    ``other_inputs``: the other jobs' inputs, which this job's output may not be either."""
     from dreampose.poses import load_poses
 
     from .demo import DEMO_MODEL_DIR
@@ -451,6 +521,16 @@ def _state_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _output_stat(out: Path) -> list[int] | None:
+    """(size, mtime in ns) of an output file, or None (a PNG folder, or nothing there): what tells a finished
+    job's output from one rewritten since."""
+    try:
+        st = out.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns] if out.is_file() else None
+
+
 def render_jobs(
     jobs: Iterable[dict],
     address: str | None = None,
@@ -464,88 +544,128 @@ def render_jobs(
     """Render many videos on a Ray cluster: each job a dict with the keys of :data:`JOB_KEYS` (image,
     poses, out, model and any animate setting; no image and poses: the demo). Returns one JobResult per job.
 
-    Jobs are independent: one with bad input fails alone (its ``error`` is the usual one line), the others
-    render. A job whose work folder holds frames resumes; with ``state`` (a JSON file this call keeps), a job
-    finished by an earlier call with the same identity is skipped. ``address``, ``actors``, ``threads``: as
-    :class:`Cluster` (or pass a ``cluster`` to reuse one).
+    Jobs are independent: one with bad input (or an output that cannot be written) fails alone, its
+    ``error`` the usual one line; the others render. Jobs are prepared as the actors need work (a long queue
+    does not sit in memory) and each finishes (its video written, its work folder removed) as soon as its
+    last batch comes back. A job whose work folder holds frames resumes. With ``state`` (a JSON file this
+    call keeps, rewritten after every finished job), a job finished by an earlier call is skipped when its
+    identity (model weights, inputs, settings) is the same and its output is the file that call wrote.
+    ``address``, ``actors``, ``threads``: as :class:`Cluster` (or pass a ``cluster`` to reuse one).
     """
     jobs = list(jobs)
+    done = _read_state(state)  # checked before the cluster starts
     own = cluster is None
     cluster = cluster or Cluster(address, actors=actors, threads=threads)
-    done_before = _read_state(state)
-    results: list[JobResult] = []
-    opened: list[tuple[int, ClusterJob]] = []
+    results: dict[int, JobResult] = {}
+    opened: dict[int, ClusterJob] = {}
+    remaining: dict[int, int] = {}
     sources: dict[RuntimeSpec, ClusterSource] = {}
-    try:
-        for index, job in enumerate(jobs):
-            out = str(job.get("out", "")) if isinstance(job, dict) else ""
-            try:
-                cj = _prepare(cluster, index, job, sources)
-            except DreamPoseError as e:
-                results.append(JobResult(index, out, "failed", str(e)))
-                continue
-            identity = _identity_of(cj)
-            if state is not None and done_before.get(str(Path(out).resolve())) == _state_key(identity) and \
-                    Path(out).exists() and not cj.render.work.exists():
-                results.append(JobResult(index, out, "skipped", frames=len(cj.render.frames)))
-                continue
-            try:
-                cj.render.__enter__()
-            except DreamPoseError as e:
-                results.append(JobResult(index, out, "failed", str(e)))
-                continue
-            opened.append((index, cj))
-        t0 = time.perf_counter()
+    t0: dict[int, float] = {}
+
+    def close(index: int) -> None:
+        """Finish job ``index`` (or record its failure) and release it."""
+        cj = opened.pop(index)
+        out = str(cj.render.out)
         try:
-            cluster.render([cj for _, cj in opened], progress=progress)
+            if cj.error is not None:
+                results[index] = JobResult(index, out, "failed", cj.error, rendered=cj.render.rendered)
+                return
+            report = cj.render.finish()
+            results[index] = JobResult(index, out, "done", frames=report.frames, rendered=report.rendered,
+                                       resumed=report.resumed, seconds=time.perf_counter() - t0[index])
+            if state is not None:
+                done[str(Path(out).resolve())] = {"key": _state_key(_identity_of(cj)),
+                                                  "output": _output_stat(Path(out))}
+                _write_state(state, done)
+        except (DreamPoseError, RuntimeError, OSError) as e:
+            results[index] = JobResult(index, out, "failed", first_line(str(e)), rendered=cj.render.rendered)
         finally:
-            for index, cj in opened:
-                out = str(cj.render.out)
-                try:
-                    if cj.error is not None:
-                        results.append(JobResult(index, out, "failed", cj.error, rendered=cj.render.rendered))
-                        continue
-                    report = cj.render.finish()
-                    results.append(JobResult(index, out, "done", frames=report.frames, rendered=report.rendered,
-                                             resumed=report.resumed, seconds=time.perf_counter() - t0,
-                                             identity=_identity_of(cj)))
-                except (DreamPoseError, RuntimeError) as e:
-                    results.append(JobResult(index, out, "failed", str(e), rendered=cj.render.rendered))
-                finally:
-                    cj.render.__exit__(None, None, None)
+            cj.render.__exit__(None, None, None)
+
+    inputs = [str(job[k]) for job in jobs if isinstance(job, dict) for k in ("image", "poses") if job.get(k)]
+    outs: dict[str, int] = {}
+
+    def open_job(index: int, job: Any) -> ClusterJob | None:
+        """Prepare and enter job ``index``; None (its result recorded) when it fails or was done before."""
+        out = str(job.get("out", "")) if isinstance(job, dict) else ""
+        try:
+            if out and outs.setdefault(str(Path(out).resolve()), index) != index:
+                raise DreamPoseError(f"{out}: job {outs[str(Path(out).resolve())]} writes this output too")
+            cj = _prepare(cluster, index, job, sources, inputs)
+            before = done.get(str(Path(out).resolve()))
+            if state is not None and isinstance(before, dict) and before.get("key") == _state_key(_identity_of(cj)) \
+                    and before.get("output") == _output_stat(Path(out)) and not cj.render.work.exists():
+                results[index] = JobResult(index, out, "skipped", frames=len(cj.render.frames))
+                return None
+            cj.render.__enter__()
+        except (DreamPoseError, OSError) as e:
+            results[index] = JobResult(index, out, "failed", first_line(str(e)))
+            return None
+        opened[index], t0[index] = cj, time.perf_counter()
+        return cj
+
+    def tasks() -> Iterator[Task]:
+        for index, job in enumerate(jobs):
+            cj = open_job(index, job)
+            if cj is None:
+                continue
+            batches = cj.render.batches
+            remaining[index] = len(batches)
+            if not batches:  # every frame was rendered by an interrupted earlier run
+                close(index)
+            for batch in batches:
+                yield Task(cj.spec, cj.image_ref, cj.poses_ref, cj.render.settings, batch, (index, cj))
+
+    try:
+        for task, result in cluster.run(tasks(), progress=progress):
+            index, cj = task.owner
+            if isinstance(result, str):
+                cj.error = result
+            elif result is not None:
+                for i, frame in result:
+                    cj.render.write(i, frame)
+            remaining[index] -= 1
+            if remaining[index] == 0:
+                close(index)
     finally:
+        for cj in opened.values():  # interrupted: the jobs' frames stay in their work folders, to resume
+            cj.render.__exit__(None, None, None)
         if own:
             cluster.shutdown()
-    results.sort(key=lambda r: r.index)
-    if state is not None:
-        _write_state(state, done_before, results)
-    return results
+    return [results[i] for i in sorted(results)]
 
 
 def _identity_of(cj: ClusterJob) -> dict:
+    """What decides a job's output: the Runtime's identity (model weights, backend, device, dtype), the
+    spec, the settings, the frames, the inputs' digests, the output and its fps."""
     r = cj.render
-    return {"out": str(r.out.resolve()), "identity": cj.spec.__dict__, "settings": r.settings.to_dict(),
-            "frames": r.frames, "poses": hashlib.sha256(np.ascontiguousarray(r.poses).tobytes()).hexdigest()[:16],
+    return {"out": str(r.out.resolve()), "spec": cj.spec.__dict__, "runtime": r.source.identity(),
+            "settings": r.settings.to_dict(), "frames": r.frames,
+            "poses": hashlib.sha256(np.ascontiguousarray(r.poses).tobytes()).hexdigest()[:16],
             "image": hashlib.sha256(r.pixels.numpy().tobytes()).hexdigest()[:16], "fps": r.fps}
 
 
-def _read_state(state: PathLike | None) -> dict[str, str]:
-    if state is None or not Path(state).is_file():
+#: the command a state file of render_jobs names (how one is told from a file the project did not write)
+STATE_COMMAND = "render-jobs"
+
+
+def _read_state(state: PathLike | None) -> dict[str, Any]:
+    """The finished jobs a state file records (out -> {"key", "output"}); {} when there is none yet. A file
+    there that this project did not write is refused (it is never overwritten)."""
+    if state is None or not Path(state).exists():
         return {}
     try:
         data = json.loads(Path(state).read_text())
     except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        data = None
+    if not (isinstance(data, dict) and data.get("command") == STATE_COMMAND and isinstance(data.get("jobs"), dict)):
+        raise DreamPoseError(f"{state} exists and is not a render-jobs state file; move it away or pass another")
+    return data["jobs"]
 
 
-def _write_state(state: PathLike, before: dict[str, str], results: list[JobResult]) -> None:
-    data = dict(before)
-    for r in results:
-        if r.status == "done":
-            data[str(Path(r.out).resolve())] = _state_key(r.identity)
+def _write_state(state: PathLike, done: dict[str, Any]) -> None:
     with atomic_file(state) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps({"command": STATE_COMMAND, "jobs": done}, indent=1, sort_keys=True) + "\n")
 
 
 def render_video(job: dict, address: str | None = None, **kwargs: Any) -> JobResult:

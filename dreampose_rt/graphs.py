@@ -32,8 +32,12 @@ def warmup_stream(device: torch.device | str | None = None) -> torch.cuda.Stream
 
 
 def capture(fn: Callable[[], Any], device: torch.device | str | None = None,
-            warmup: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
+            warmup: int = 1, pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Run ``fn`` ``warmup`` times on the warm-up stream, then capture one call of it.
+
+    ``pool``: another graph's memory pool (``graph.pool()``) to allocate from, for graphs that are never
+    replayed at the same time and pass each other nothing but tensors that stay referenced: their
+    temporaries then share memory instead of each graph keeping its own.
 
     Returns (graph, what the captured call returned). That output is the graph's own buffer: it is written
     by each replay, not by the capture, so read it only after a replay. Whatever ``fn`` changes (state
@@ -47,6 +51,6 @@ def capture(fn: Callable[[], Any], device: torch.device | str | None = None,
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             out = fn()
     return graph, out

@@ -31,7 +31,7 @@ from dreampose.guidance import NUM_BRANCHES, branch_batch
 from dreampose.images import ImageLike, load_image, to_uint8
 from dreampose.model import DreamPoseModel
 from dreampose.pipeline import SubjectConditioning, batch_noise, check_frames_per_batch, frame_batches, resolve_frames
-from dreampose.poses import load_poses, pose_window, prepare_poses
+from dreampose.poses import check_pose_aspect, load_poses, prepared_window
 from dreampose.settings import PRECISIONS, SamplingSettings, check_choice, sampling_settings, torch_dtype
 from dreampose.timing import PhaseTimer, timed
 from dreampose.utils import DreamPoseError, PathLike
@@ -188,6 +188,14 @@ class Runtime:
     def check_frames_per_batch(self, frames_per_batch: int) -> None:
         """Raise DreamPoseError if the backend cannot take ``frames_per_batch`` frames per call."""
         self.backend.check_frames_per_batch(check_frames_per_batch(frames_per_batch))
+
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """Raise DreamPoseError if the backend cannot sample with ``settings`` (a caching preset an engine
+        backend does not run)."""
+        caching = self.backend.caching_availability(settings)
+        if not caching:
+            raise DreamPoseError(f"the {self.backend.name} backend cannot render --quality {settings.quality}: "
+                                 f"{caching.reason}")
 
     # ---- conditioning -----------------------------------------------------------------------
     def load_subject(self, image: ImageLike | None) -> torch.Tensor:
@@ -353,16 +361,21 @@ class Runtime:
         kind: no host work and no launch gaps between steps. Each capture runs its step once first (it
         compiles and autotunes outside the capture); the run then restarts from the noise. The full refresh
         step is captured first: it allocates the buffers the others read (step 0 is one and writes them
-        before any read). latents (F, C, h, w) float32 is updated in place."""
+        before any read). The graphs share one memory pool: they run one at a time and hand each other only
+        buffers that stay referenced (the latents, the sampler's state, the guidance and deep-feature caches),
+        so each kind of step costs no UNet activation memory of its own. latents (F, C, h, w) float32 is
+        updated in place."""
         noise = latents.clone()
-        graphs = {}
+        graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = {}
         for mode in sorted(set(plan), reverse=True):  # (True, True) first
 
             def body(mode: tuple[bool, bool] = mode) -> None:
                 eps = unet(*mode, sampler.timestep())
                 sampler.step(eps.to(latents.dtype).contiguous(), latents, out=latents)
 
-            graphs[mode], _ = capture(body, self.device)  # on the process's warm-up stream (dreampose_rt.graphs)
+            pool = next(iter(graphs.values())).pool() if graphs else None
+            # on the process's warm-up stream (dreampose_rt.graphs)
+            graphs[mode], _ = capture(body, self.device, pool=pool)
         latents.copy_(noise)
         sampler.reset()
         for k, mode in enumerate(plan):
@@ -389,17 +402,14 @@ class Runtime:
 
         c = self.config
         settings = sampling_settings(c, settings, sampling)
-        caching = self.backend.caching_availability(settings)
-        if not caching:
-            raise DreamPoseError(f"the {self.backend.name} backend cannot render --quality {settings.quality}: "
-                                 f"{caching.reason}")
+        self.check_settings(settings)
         pose_arr = load_poses(poses)
         frames = resolve_frames(frames, len(pose_arr))
         fpb = self.auto_frames_per_batch() if frames_per_batch is None else check_frames_per_batch(frames_per_batch)
         self.check_frames_per_batch(fpb)
 
         subject = self.encode(image)
-        pose_seq = prepare_poses(pose_arr, (c.height, c.width), self.model.latent_size, self.device)
+        check_pose_aspect(pose_arr.shape[-2:], (c.height, c.width))
         skip_set = set(skip)
         todo = [b for b in frame_batches(frames, fpb) if not set(b) <= skip_set]
         n_calls = len(self._make_scheduler(settings.scheduler, settings.steps).timesteps)
@@ -422,7 +432,8 @@ class Runtime:
         try:
             for batch in todo:
                 start = batch_noise(settings.seed, batch, settings.noise, shape)
-                window = pose_window(pose_seq, batch, c.n_poses)
+                window = prepared_window(pose_arr, batch, (c.height, c.width), self.model.latent_size, self.device,
+                                         c.n_poses)
                 steps = 0
                 latents = self._denoise(subject, window, start.to(self.device), settings,
                                         on_step=lambda n=len(batch): on_step(n))

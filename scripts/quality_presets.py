@@ -14,9 +14,10 @@ For each candidate sampler (a scheduler, a step count, guidance caching and deep
   every candidate interleaved round by round, the median of the rounds.
 
 Writes one JSON record (with the machine) and prints the markdown table that docs/quality.md shows. The
-presets in dreampose.settings.QUALITY_PRESETS were chosen from this table: ``balanced`` the candidate with
-the least work at PSNR >= 35 dB to the exact frames and SSIM / IoU within 1%; ``fast`` the least work within
-2% (both also within the work targets: 0.45 and 0.08 of the exact run).
+presets in dreampose.settings.QUALITY_PRESETS were chosen from this table by :func:`choose` (written into the
+record as ``chosen``): ``balanced`` the candidate that keeps the paper's sampler (PNDM, 100 steps) with the
+least work at PSNR >= 35 dB to the exact frames and SSIM / IoU within 1%; ``fast`` the least work of any
+sampler within 2% (both also within the work targets: 0.45 and 0.08 of the exact run).
 """
 
 from __future__ import annotations
@@ -132,13 +133,32 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "scripts/quality_presets.py", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_info(torch.device("cpu")), "versions": versions(), "threads": args.threads,
         "protocol": protocol.to_dict(), "flops_per_sample": per_sample, "candidates": rows,
+        "chosen": choose(rows),
     }
+    for preset, name in record["chosen"].items():
+        if rows[name]["settings"] != rows[preset]["settings"]:
+            logger.warning("the rule chooses %r for %s, which QUALITY_PRESETS does not hold yet", name, preset)
     out = Path(args.out) if args.out else RESULTS / f"quality_presets_cpu_{record['date'][:10]}.json"
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     sys.stdout.write(table(rows) + "\n")
     logger.info("wrote %s", out)
     return 0
+
+
+def choose(rows: dict[str, dict]) -> dict[str, str]:
+    """The candidates the rule picks: {"balanced": name, "fast": name} (see the module's docstring)."""
+    def within(r: dict, limit: float) -> bool:
+        return abs(r["ssim_gt"]["relative"]) <= limit and abs(r["iou_gt"]["relative"]) <= limit
+
+    def least(names: list[str]) -> str:
+        return min(names, key=lambda n: rows[n]["work_sd15"]["flops"])
+
+    work = {n: r["work_sd15"]["fraction_of_exact"]["flops"] for n, r in rows.items()}
+    balanced = [n for n, r in rows.items() if r["settings"]["scheduler"] == "pndm" and r["settings"]["steps"] == 100
+                and work[n] <= 0.45 and r["psnr_to_exact"] >= 35 and within(r, 0.01)]
+    fast = [n for n, r in rows.items() if work[n] <= 0.08 and within(r, 0.02)]
+    return {"balanced": least(balanced), "fast": least(fast)}
 
 
 def table(rows: dict[str, dict]) -> str:

@@ -67,16 +67,53 @@ def test_a_killed_actor_loses_no_frame(cluster, tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and len(list(work.glob("frame_*.png"))) < 1:
             time.sleep(0.01)
+        pid = ray.get(cluster.actors[0].pid.remote())
         ray.kill(cluster.actors[0], no_restart=False)  # Ray restarts it and retries its in-flight batch
-        killed.append(True)
+        killed.append((pid, len(list(work.glob("frame_*.png")))))
 
     killer = threading.Thread(target=kill_one_actor_midway)
     killer.start()
     r = render_video({**DEMO, "frames": "0:6", "out": str(out)}, cluster=cluster, progress=False)
     killer.join()
-    assert killed and r.status == "done" and r.rendered == 6
+    assert killed and killed[0][1] < 6, "the actor must be killed midway for this test to mean anything"
+    assert r.status == "done" and r.rendered == 6
     assert np.array_equal(_frames(out, 6), _frames(reference, 6))
-    assert ray.get(cluster.actors[0].pid.remote()) > 0  # restarted, serving again
+    assert ray.get(cluster.actors[0].pid.remote()) not in (0, killed[0][0])  # restarted, serving again
+
+
+def test_an_actor_lost_for_good_leaves_the_pool_and_its_batches_are_requeued(cluster, tmp_path):
+    reference = tmp_path / "reference"
+    render_video({**DEMO, "frames": "0:6", "out": str(reference)}, cluster=cluster, progress=False)
+    out = tmp_path / "lost"
+    work = Path(f"{out}.work")
+    with Cluster(actors=2, threads=1) as two:  # the module's Ray: its other 2 CPUs
+        doomed = two.actors[0]
+        killed = []
+
+        def kill_for_good() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and len(list(work.glob("frame_*.png"))) < 1:
+                time.sleep(0.01)
+            ray.kill(doomed, no_restart=True)
+            killed.append(len(list(work.glob("frame_*.png"))))
+
+        killer = threading.Thread(target=kill_for_good)
+        killer.start()
+        r = render_video({**DEMO, "frames": "0:6", "out": str(out)}, cluster=two, progress=False)
+        killer.join()
+        assert killed and killed[0] < 6, "the actor must be killed midway for this test to mean anything"
+        assert r.status == "done" and r.rendered == 6 and two.actors == [a for a in two.actors if a is not doomed]
+        assert len(two.actors) == 1
+    assert np.array_equal(_frames(out, 6), _frames(reference, 6))
+
+
+def test_a_cluster_checks_its_size_before_starting_actors():
+    from dreampose.utils import DreamPoseError
+
+    with pytest.raises(DreamPoseError, match="actors must be"):
+        Cluster(actors=0)
+    with pytest.raises(DreamPoseError, match=r"actors 5 x threads 1: the cluster has 4 CPU\(s\)"):
+        Cluster(actors=5, threads=1)
 
 
 def test_a_broken_job_fails_alone(cluster, tmp_path, capsys, monkeypatch):
@@ -96,6 +133,13 @@ def test_a_broken_job_fails_alone(cluster, tmp_path, capsys, monkeypatch):
     assert main(["render-jobs", str(jobs), "--quiet"]) == 2
     again = capsys.readouterr().out
     assert "| 0 | a.gif | skipped |" in again and "| 2 | c.gif | skipped |" in again
+    # an output rewritten since is rendered again, not skipped
+    (tmp_path / "c.gif").write_bytes((tmp_path / "a.gif").read_bytes())
+    assert main(["render-jobs", str(jobs), "--quiet"]) == 2
+    third = capsys.readouterr().out
+    assert "| 0 | a.gif | skipped |" in third and "| 2 | c.gif | done | 4 (4 / 0) |" in third
+    state = json.loads((tmp_path / "jobs.jsonl.done.json").read_text())
+    assert state["command"] == "render-jobs" and len(state["jobs"]) == 2
 
 
 def test_a_killed_driver_resumes_with_only_the_missing_frames(cluster, tmp_path):
@@ -126,3 +170,25 @@ def test_jobs_need_their_inputs_named(cluster, tmp_path):
     assert [r.status for r in results] == ["failed", "failed"]
     assert "unknown job key(s) colour" in results[0].error
     assert "'image' and 'poses' go together" in results[1].error
+
+
+def test_jobs_are_checked_one_by_one(cluster, tmp_path):
+    jobs = [{**DEMO, "out": str(tmp_path / "a.gif"), "restart": "false"},
+            {**DEMO, "out": str(tmp_path / "b.gif")}, {**DEMO, "out": str(tmp_path / "b.gif"), "seed": 1},
+            {**DEMO, "out": str(tmp_path / "x.gif"), "image": str(tmp_path / "s.gif"), "poses": str(tmp_path / "p")},
+            {**DEMO, "out": str(tmp_path / "s.gif")}]
+    results = render_jobs(jobs, cluster=cluster, progress=False)
+    assert [r.status for r in results] == ["failed", "done", "failed", "failed", "failed"]
+    assert "restart must be true or false, got 'false'" in results[0].error
+    assert "job 1 writes this output too" in results[2].error
+    assert "s.gif" in results[4].error and "input" in results[4].error
+
+
+def test_a_state_file_the_project_did_not_write_is_refused(cluster, tmp_path):
+    from dreampose.utils import DreamPoseError
+
+    state = tmp_path / "notes.json"
+    state.write_text('{"mine": 1}')
+    with pytest.raises(DreamPoseError, match="notes.json exists and is not a render-jobs state file"):
+        render_jobs([{**DEMO, "out": str(tmp_path / "a.gif")}], cluster=cluster, progress=False, state=state)
+    assert state.read_text() == '{"mine": 1}' and not (tmp_path / "a.gif").exists()

@@ -109,3 +109,11 @@ def test_prepare_poses_resizes_and_maps_to_minus_one_one(pose_seq):
     assert (x == -1).any()  # background -> -1
     big = prepare_poses(np.zeros((2, 2, 128, 96), np.float32), (64, 48), (16, 12))
     assert big.shape == (2, 2, 16, 12) and torch.all(big == -1)
+
+
+def test_prepared_window_equals_the_window_of_the_whole_prepared_sequence(pose_seq):
+    from dreampose.poses import prepared_window
+
+    whole = prepare_poses(pose_seq, (64, 48), (16, 12))
+    for frames in ([0], [2, 3], [4, 5], [0, 5, 1]):
+        assert torch.equal(prepared_window(pose_seq, frames, (64, 48), (16, 12)), pose_window(whole, frames))

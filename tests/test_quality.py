@@ -151,7 +151,7 @@ def test_presets_are_stable_across_runs_and_resumes(tmp_path, cpu_rt, subject_im
         assert all(np.array_equal(read_png(out / frame_name(i)), once[i]) for i in range(3))
 
 
-def test_backends_say_which_caching_they_run(tmp_path, tiny_model_dir, subject_image, pose_seq):
+def test_backends_say_which_caching_they_run():
     from dreampose_rt.backends import TensorRTBackend
 
     deep = SamplingSettings(feature_cache=FeatureCache(every=2), quality="custom")
@@ -161,8 +161,8 @@ def test_backends_say_which_caching_they_run(tmp_path, tiny_model_dir, subject_i
     assert not rt_stub.caching_availability(deep)
 
 
-def test_onnxruntime_engines_run_guidance_caching_but_refuse_deep_features(tiny_model_dir, ort_engines, cpu_rt,
-                                                                          subject_image, pose_seq):
+def test_onnxruntime_engines_run_guidance_caching_but_refuse_deep_features(tmp_path, tiny_model_dir, ort_engines,
+                                                                          cpu_rt, subject_image, pose_seq):
     from dreampose_rt.runtime import Runtime
 
     rt = Runtime.from_pretrained(tiny_model_dir, backend="onnxruntime", engines=ort_engines)
@@ -171,6 +171,13 @@ def test_onnxruntime_engines_run_guidance_caching_but_refuse_deep_features(tiny_
            cpu_rt.render(pose_seq[:3], subject_image, settings=s, frames_per_batch=3))
     with pytest.raises(DreamPoseError, match="cannot render --quality custom: deep-feature caching needs"):
         rt.render(pose_seq[:2], subject_image, settings=s.replace(feature_cache=FeatureCache(every=2)))
+    import dreampose_rt.animate as animate
+
+    out = tmp_path / "o.gif"  # refused before anything is written: no work folder, no lock
+    with pytest.raises(DreamPoseError, match="deep-feature caching needs"):
+        animate.render_to_file(rt, out, pose_seq[:2], subject_image, s.replace(feature_cache=FeatureCache(every=2)),
+                               progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,3 +211,15 @@ def test_the_compiled_backend_runs_deep_feature_caching(tiny_model_dir, cpu_rt, 
                          guidance_cache=GuidanceCache(every=2))
     _close(rt.render(pose_seq[:2], subject_image, settings=s, frames_per_batch=2),
            cpu_rt.render(pose_seq[:2], subject_image, settings=s, frames_per_batch=2))
+
+
+def test_the_pipeline_refuses_deep_features_where_the_unet_cannot_be_split(tiny_model, subject_image, pose_seq,
+                                                                            monkeypatch):
+    import dreampose.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "supports", lambda unet: "the UNet has no up_blocks (not diffusers' layout)")
+    pipe = DreamPosePipeline(tiny_model)
+    with pytest.raises(DreamPoseError, match="feature_cache: the UNet has no up_blocks"):
+        pipe(subject_image, pose_seq[:1], settings=SamplingSettings(steps=2, feature_cache=FeatureCache(every=2)),
+             progress=False)
+    pipe(subject_image, pose_seq[:1], settings=SamplingSettings(steps=2), progress=False)  # no caching: renders

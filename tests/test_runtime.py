@@ -227,3 +227,22 @@ def test_two_renders_of_one_output_exclude_each_other(tmp_path):
                 pass
     with _exclusive(out):  # released
         pass
+    assert not (tmp_path / "o.mp4.lock").exists()
+
+
+def test_the_lock_file_is_never_a_users_file(tmp_path):
+    """A file at <OUT>.lock the project did not write is refused and kept; a lock a killed render left is
+    taken over."""
+    from dreampose_rt.animate import _LOCK_TAG, _exclusive
+
+    users = tmp_path / "Pipfile.lock"
+    users.write_text("{}")
+    with pytest.raises(DreamPoseError, match="Pipfile.lock exists and was not written by dreampose-rt"):
+        with _exclusive(tmp_path / "Pipfile"):
+            pass
+    assert users.read_text() == "{}"
+    leftover = tmp_path / "o.mp4.lock"
+    leftover.write_text(f"{_LOCK_TAG}\npid 1\n")
+    with _exclusive(tmp_path / "o.mp4"):
+        assert leftover.exists()
+    assert not leftover.exists()

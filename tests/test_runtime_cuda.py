@@ -118,3 +118,22 @@ def test_repeated_graph_renders_do_not_grow_memory(cuda_rt, subject_image, pose_
         cuda_rt.render(pose_seq[:2], image=subject_image, steps=STEPS, scheduler="pndm")
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before <= 1 << 20
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "dpmpp"])
+def test_caching_graphs_match_the_reference_pipeline(tiny_model, cuda_rt, subject_image, pose_seq, scheduler):
+    """Guidance and deep-feature caching on CUDA: up to four kinds of step (3F or F samples, whole or
+    shallow UNet), each a graph, all from one memory pool, replayed in the plan's order; the frames are
+    the CPU reference pipeline's with the same caching, and caching did change them."""
+    from dreampose.pipeline import DreamPosePipeline
+    from dreampose.settings import FeatureCache, GuidanceCache, SamplingSettings
+
+    s = SamplingSettings(scheduler=scheduler, steps=8, noise="per-frame",
+                         guidance_cache=GuidanceCache(every=3, first=2), feature_cache=FeatureCache(every=2))
+    assert len(set(s.call_plan(8))) >= 3
+    ref = DreamPosePipeline(tiny_model)(subject_image, pose_seq[:3], settings=s, frames_per_batch=3, progress=False)
+    exact = DreamPosePipeline(tiny_model)(subject_image, pose_seq[:3], settings=s.replace(
+        guidance_cache=GuidanceCache(), feature_cache=FeatureCache()), frames_per_batch=3, progress=False)
+    assert not np.array_equal(ref, exact)
+    assert cuda_rt._use_cuda_graph()
+    _close(cuda_rt.render(pose_seq[:3], subject_image, settings=s, frames_per_batch=3), ref)

@@ -234,16 +234,18 @@ class EngineManifest:
 
 
 def _backend_version(backend: str) -> str | None:
-    """The installed version of an engine backend's Python package (None if it is not installed)."""
-    from importlib import metadata
+    """The running version of an engine backend (its module's ``__version__``, what build-engine recorded;
+    a wheel's distribution version can differ from it, e.g. the ``tensorrt`` meta package and
+    ``tensorrt-cu12``), None if it does not import."""
+    import importlib
 
-    for dist in {"tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"), "onnxruntime": ("onnxruntime",
-                 "onnxruntime-gpu")}.get(backend, ()):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+    module = {"tensorrt": "tensorrt", "onnxruntime": "onnxruntime"}.get(backend)
+    if module is None:
+        return None
+    try:
+        return str(importlib.import_module(module).__version__)
+    except ImportError:
+        return None
 
 
 __all__ = [
