@@ -5,19 +5,20 @@
 #
 #   bash benchmarks/gpu_session.sh [SECONDS [STEP ...]]
 #
-# SECONDS: the script's own deadline (default 500); STEPs: which of tests, presets, bench_unet, fused_step,
-# compile, suite, suite_cl to run, in that order (default: all but suite_cl). The order puts first what is
+# SECONDS: the script's own deadline (default 500); STEPs: which of tests, presets, lora_memory, bench_unet,
+# fused_step, compile, suite, suite_cl to run, in that order (default: all but suite_cl). The order puts first what is
 # most needed: the CUDA tests, then the quality presets at SD 1.5 size (balanced and fast: one frame and
-# batched, issue 16), then what the last device runs (2026-11-26) left unmeasured; the suite's exact
+# batched, issue 16), the LoRA finetune's peak memory at SD 1.5 size (issue 17: does it fit 12 GB?), then
+# what the last device runs (2026-11-26) left unmeasured; the suite's exact
 # numbers from then are in benchmarks/results/.
 #
 # The GPU image has torch, triton, onnx, onnxruntime (CPU), transformers, accelerate, safetensors and
-# pybind11, but no diffusers or onnx-graphsurgeon. Prepare them as wheels first (here):
+# pybind11, but no diffusers, onnx-graphsurgeon or peft. Prepare them as wheels first (here):
 #
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       --platform any -d .whl diffusers==0.42.1 importlib_metadata onnx-graphsurgeon
+#       --platform any -d .whl diffusers==0.42.1 importlib_metadata onnx-graphsurgeon peft==0.21.2
 #
 # and call it with `.whl` carried. Everything it writes lands in $OUT/r (or benchmarks/results/gpu_session
 # without $OUT) and is packed into $OUT/gpu_session.tar.gz at the end (the device tool brings back at most
@@ -35,8 +36,8 @@ cd "$(dirname "$0")/.."
 START=$SECONDS
 DEADLINE=${1:-500}
 shift || true
-STEPS="tests presets bench_unet fused_step compile suite suite_cl"
-WANT=" ${*:-tests presets bench_unet fused_step compile suite} "
+STEPS="tests presets lora_memory bench_unet fused_step compile suite suite_cl"
+WANT=" ${*:-tests presets lora_memory bench_unet fused_step compile suite} "
 [[ $DEADLINE =~ ^[0-9]+$ ]] || { echo "gpu_session.sh: the deadline must be a number of seconds, got '$DEADLINE'" >&2; exit 2; }
 for s in $WANT; do
   [[ " $STEPS " == *" $s "* ]] || { echo "gpu_session.sh: unknown step '$s' (steps: $STEPS)" >&2; exit 2; }
@@ -84,6 +85,8 @@ timeout 60 python3 -m dreampose_rt.info > "$R/info.txt" 2>&1
 step presets 150 bash -c "python3 -m benchmarks --device cuda --model sd15 --frames 8 --quality balanced \
   --backends torch --repeats 2 --warmup 1 --no-micro --out-dir '$R' && python3 -m benchmarks --device cuda \
   --model sd15 --frames 8 --quality fast --backends torch --repeats 3 --warmup 1 --no-micro --out-dir '$R'"
+step lora_memory 120 python3 -m benchmarks.bench_lora_memory --model sd15 --device cuda --modes lora full \
+  --rank 4 --steps 3 --results "$R"
 step bench_unet 130 python3 -m benchmarks.bench_unet --model sd15 --batches 3 24 \
   --variants fp16,fp16-cl,bf16-cl,fp16-flash,fp16-efficient,fp16-cudnnattn --rounds 5 --results "$R"
 step fused_step 40 python3 -m benchmarks.bench_fused_step --frames 1 4 16 --dtype fp16 --rounds 20 \

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import feature_statistics, foreground_iou, frechet_distance, l1, psnr, ssim, to_unit
+from .metrics import (colour_error, feature_statistics, foreground_iou, foreground_l1, foreground_psnr, frechet_distance,
+                      l1, psnr, ssim, to_unit)
 from .model import DreamPoseModel
 from .pipeline import DreamPosePipeline
 from .outputs import claim_output_dir
@@ -64,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TEST_SEED", "EvalProtocol", "EvalReport", "evaluate", "set_metrics", "strip_image", "test_videos",
            "write_report"]
-METRICS = ("l1", "psnr", "ssim", "iou", "iou_strict")
+METRICS = ("l1", "psnr", "ssim", "iou", "iou_strict", "fg_l1", "fg_psnr", "colour_error")
 SET_METRICS = ("fid", "fvd")
 FID_SIZE = 299  # Inception-v3 input
 FVD_SIZE = 224  # I3D input
@@ -151,13 +152,16 @@ def score_frames(frames: np.ndarray, video: TestVideo, targets: Sequence[int],
                  lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, list[float]]:
     """Per-frame metrics of frames (F, H, W, 3) uint8 against the video's target frames -> {metric: [F floats]}."""
     gt = video.images[list(targets)]
+    figure = video.silhouette[list(targets)]
     out = {
         "l1": l1(frames, gt).tolist(),
         "psnr": psnr(frames, gt).tolist(),
         "ssim": ssim(frames, gt).tolist(),
-        "iou": foreground_iou(frames, video.silhouette[list(targets)], video.background).tolist(),
-        "iou_strict": foreground_iou(frames, video.silhouette[list(targets)], video.background,
-                                     row_background=False).tolist(),
+        "iou": foreground_iou(frames, figure, video.background).tolist(),
+        "iou_strict": foreground_iou(frames, figure, video.background, row_background=False).tolist(),
+        "fg_l1": foreground_l1(frames, gt, figure).tolist(),
+        "fg_psnr": foreground_psnr(frames, gt, figure).tolist(),
+        "colour_error": colour_error(frames, gt, figure).tolist(),
     }
     if lpips is not None:
         def px(a: np.ndarray) -> torch.Tensor:
@@ -361,7 +365,8 @@ class EvalReport:
         keys = list(self.videos[0].model)
         head = "| video | frames | " + " | ".join(keys) + " | IoU repeat-subject | IoU ceiling (gt) | s/frame |"
         sep = "|" + "---|" * (len(keys) + 5)
-        fmt = {"l1": "{:.4f}", "psnr": "{:.2f}", "ssim": "{:.3f}", "iou": "{:.3f}", "iou_strict": "{:.3f}", "lpips": "{:.3f}"}
+        fmt = {"l1": "{:.4f}", "psnr": "{:.2f}", "ssim": "{:.3f}", "iou": "{:.3f}", "iou_strict": "{:.3f}", "lpips": "{:.3f}",
+               "fg_l1": "{:.4f}", "fg_psnr": "{:.2f}", "colour_error": "{:.4f}"}
 
         def row(name: str, n: int, m: dict, rep_iou: float, gt: float, spf: float) -> str:
             cells = [fmt.get(k, "{:.4f}").format(m[k]) for k in keys]

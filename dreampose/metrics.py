@@ -1,4 +1,5 @@
-"""Frame metrics of the evaluation protocol: L1, PSNR, SSIM and the foreground IoU of a rendered figure.
+"""Frame metrics of the evaluation protocol: L1, PSNR, SSIM, the foreground IoU of a rendered figure, and
+the figure's appearance (L1, PSNR and mean colour error inside the ground truth's silhouette).
 
 Every function takes frames as float arrays in [0, 1] (convert uint8 with ``to_unit``), shape (H, W, 3)
 for one frame or (T, H, W, 3) for several, and returns one number per frame.
@@ -128,6 +129,38 @@ def foreground_iou(frames: np.ndarray, silhouettes: np.ndarray, background: np.n
     """IoU of the segmented figure of each frame against the ground-truth silhouette: (T, H, W, 3),
     bool (T, H, W), background (H, W, 3) -> (T,)."""
     return iou(foreground_mask(frames, background, threshold, row_background), silhouettes)
+
+
+def _masked(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p, t = _batched(to_unit(pred)), _batched(to_unit(target))
+    m = (mask[None] if mask.ndim == 2 else mask).astype(np.float32)[..., None]  # (T, H, W, 1)
+    if m.shape[:3] != p.shape[:3]:
+        raise ValueError(f"mask {mask.shape} does not fit frames {pred.shape}")
+    return p, t, m
+
+
+def foreground_l1(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean absolute error inside the figure: frames (T, H, W, 3) x 2, bool mask (T, H, W) (the ground
+    truth's silhouette) -> (T,); 0 for an empty mask."""
+    p, t, m = _masked(pred, target, mask)
+    n = m.sum(axis=(1, 2, 3)) * 3
+    return (np.abs(p - t) * m).sum(axis=(1, 2, 3)) / np.maximum(n, 1)
+
+
+def foreground_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+    """PSNR in dB (peak 1) inside the figure: as :func:`foreground_l1` -> (T,)."""
+    p, t, m = _masked(pred, target, mask)
+    mse = (np.square(p - t) * m).sum(axis=(1, 2, 3)) / np.maximum(m.sum(axis=(1, 2, 3)) * 3, 1)
+    return 10.0 * np.log10(1.0 / np.maximum(mse, eps))
+
+
+def colour_error(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The figure's mean colour error: the Euclidean RGB distance (in [0, 1] units) between the mean colour
+    of the frame and of the target inside the mask (T, H, W) -> (T,). A figure in the right place with
+    the wrong garment colours scores high here and well on IoU."""
+    p, t, m = _masked(pred, target, mask)
+    n = np.maximum(m.sum(axis=(1, 2)), 1)  # (T, 1)
+    return np.sqrt(np.square((p * m).sum(axis=(1, 2)) / n - (t * m).sum(axis=(1, 2)) / n).sum(axis=-1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -94,7 +94,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
         raise DreamPoseError("--device does not go with --ray: each actor renders on its own GPU, or on CPUs")
     if args.threads is not None:
         check_int("--threads", args.threads, 1)
-    inputs = [args.image, args.poses, args.model or DEMO_MODEL_DIR, args.engines]
+    if args.subject is not None:
+        from dreampose.lora import SubjectInfo
+
+        SubjectInfo.load(args.subject)  # a subject folder (whether it fits the model is checked at load)
+    inputs = [args.image, args.poses, args.model or DEMO_MODEL_DIR, args.engines, args.subject]
     check_outputs(args.out, inputs)
     poses = load_poses(args.poses) if args.poses is not None else None
     if poses is not None and args.frames:
@@ -109,7 +113,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     if args.model is None:
         logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)")
     rt = Runtime.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
-                                 engines=args.engines)
+                                 engines=args.engines, subject=_subject(args.model, args.image, args.subject))
     c = rt.config
     if poses is None:
         poses = demo_poses(height=c.height, width=c.width)
@@ -129,12 +133,20 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _subject(model: str | None, image: str | None, subject: str | None) -> str | bool | None:
+    """The Runtime's ``subject``: the one given; else, for the demo model with a user's image, False (the
+    demo subject's LoRA suits the demo subject only); else the default (the demo subject's for the demo)."""
+    if subject is None and model is None and image is not None:
+        return False
+    return subject
+
+
 def _animate_on_ray(args: argparse.Namespace, sampling: dict) -> int:
     """``animate --ray``: the one video on a Ray cluster (dreampose_rt.distributed), same work folder."""
     from .distributed import render_video
 
-    job = {"image": args.image, "poses": args.poses, "out": args.out, "model": args.model, "backend": args.backend,
-           "precision": args.precision, "engines": args.engines, "fps": args.fps, "frames": args.frames,
+    job = {"image": args.image, "poses": args.poses, "out": args.out, "model": args.model, "subject": args.subject,
+           "backend": args.backend, "precision": args.precision, "engines": args.engines, "fps": args.fps, "frames": args.frames,
            "frames_per_batch": args.frames_per_batch, "restart": args.restart,
            **{k: v for k, v in sampling.items() if v is not None}}
     address = None if args.ray == "local" else args.ray
@@ -188,6 +200,8 @@ def _add_animate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poses", help="poses: folder of frame_<n>_densepose.npy, .npy/.npz (T, 2, H, W), or IUV images")
     p.add_argument("--out", default="demo.mp4", help="output: .mp4, .gif, or a folder for PNGs (default: demo.mp4)")
     p.add_argument("--model", help="DreamPose model folder (default: the embedded demo model)")
+    p.add_argument("--subject", help="a LoRA subject folder of the model (`dreampose-rt finetune --lora-rank R`), "
+                                     "merged into its weights at load")
     p.add_argument("--quality", default=None, choices=tuple(QUALITY_PRESETS), help=QUALITY_HELP)
     p.add_argument("--fast", action="store_true", help="the same as --quality fast")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's; exact: the model's, 100)")

@@ -6,6 +6,11 @@ and the time). The subject (``assets/demo_subject.png``) and the poses (``assets
 of DEMO_FRAMES frames) are a held-out SynthFashion video (seed DEMO_VIDEO_SEED, video 0), a subject and
 motion the model never saw; the same script writes them.
 
+The demo subject's LoRA (``assets/demo_subject_lora/``, a subject folder of dreampose.lora) is the demo
+model finetuned on the demo subject image alone, by ``scripts/train_demo_subject.py`` (seeded; its
+subject.json records how). The runtime merges it whenever the embedded demo renders (the demo model with
+the demo subject): it keeps the subject's colours, which the model alone gets wrong (docs/quality.md).
+
 If the assets are missing (a source checkout without them), ``demo_model()`` raises a DreamPoseError that
 says how to make them; ``random_demo_model()`` is the untrained tiny model of the same architecture.
 """
@@ -28,6 +33,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODEL_DIR = ASSETS / "demo_model"
 DEMO_SUBJECT = ASSETS / "demo_subject.png"
 DEMO_POSES = ASSETS / "demo_poses.npz"
+DEMO_SUBJECT_LORA = ASSETS / "demo_subject_lora"
 DEMO_SEED = 0  # the training seed of the shipped model
 DEMO_VIDEO_SEED = 3  # SynthFashion seed of the demo subject and poses (not the training seed 0)
 DEMO_HEIGHT = 64
@@ -47,6 +53,18 @@ def demo_model() -> DreamPoseModel:
     if not (DEMO_MODEL_DIR / "dreampose.json").is_file():
         raise _missing(DEMO_MODEL_DIR)
     return DreamPoseModel.from_pretrained(DEMO_MODEL_DIR)
+
+
+def demo_subject_lora() -> Path | None:
+    """The shipped demo subject's LoRA folder, or None where it is missing (a checkout without it: the demo
+    then renders with the demo model alone, and says so)."""
+    from dreampose.lora import SUBJECT_CONFIG
+
+    if (DEMO_SUBJECT_LORA / SUBJECT_CONFIG).is_file():
+        return DEMO_SUBJECT_LORA
+    logger.warning("%s: the demo subject's LoRA is missing; rendering with the demo model alone (make it with "
+                   "`python scripts/train_demo_subject.py`)", DEMO_SUBJECT_LORA)
+    return None
 
 
 def random_demo_model(seed: int = DEMO_SEED) -> DreamPoseModel:

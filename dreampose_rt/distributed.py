@@ -62,10 +62,12 @@ def import_ray() -> Any:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """Which Runtime an actor renders with: a model folder (None: the embedded demo model), a backend, a
-    precision (None: the device's default), an engine folder. The device is the actor's (its GPU, or CPU)."""
+    """Which Runtime an actor renders with: a model folder (None: the embedded demo model), a LoRA subject
+    folder merged into it, a backend, a precision (None: the device's default), an engine folder. The device
+    is the actor's (its GPU, or CPU)."""
 
     model: str | None = None
+    subject: str | bool | None = None  # as Runtime.from_pretrained's (False: the demo model without its subject)
     backend: str = "auto"
     precision: str | None = None
     engines: str | None = None
@@ -87,7 +89,8 @@ class RenderActor:
 
         if spec not in self._runtimes:
             self._runtimes[spec] = Runtime.from_pretrained(spec.model, backend=spec.backend, device=self.device,
-                                                           precision=spec.precision, engines=spec.engines)
+                                                           precision=spec.precision, engines=spec.engines,
+                                                           subject=spec.subject)
             while len(self._runtimes) > 2:
                 self._runtimes.popitem(last=False)
         self._runtimes.move_to_end(spec)
@@ -417,8 +420,8 @@ class ClusterJob:
 # Jobs: one JSON object per video
 # --------------------------------------------------------------------------------------------------
 #: the keys of a job (one line of a jobs file): the inputs, the output, and any animate setting
-JOB_KEYS = ("image", "poses", "out", "model", "backend", "precision", "engines", "quality", "scheduler", "steps",
-            "s_image", "s_pose", "seed", "noise", "fps", "frames", "frames_per_batch", "restart")
+JOB_KEYS = ("image", "poses", "out", "model", "subject", "backend", "precision", "engines", "quality", "scheduler",
+            "steps", "s_image", "s_pose", "seed", "noise", "fps", "frames", "frames_per_batch", "restart")
 
 
 @dataclass
@@ -495,8 +498,19 @@ def _prepare(cluster: Cluster, index: int, job: dict, sources: dict[RuntimeSpec,
             raise DreamPoseError(f"{model}: model folder not found")
         if not (Path(model) / CONFIG_NAME).is_file():
             raise DreamPoseError(f"{model}: not a DreamPose model folder (no {CONFIG_NAME})")
-    spec = RuntimeSpec(model=None if model is None else str(Path(model).resolve()), backend=job.get("backend", "auto"),
-                       precision=job.get("precision"), engines=job.get("engines"))
+    subject = job.get("subject")
+    if subject is not None:
+        from dreampose.lora import SubjectInfo
+
+        SubjectInfo.load(subject)
+    restart = job.get("restart", False)
+    if not isinstance(restart, bool):
+        raise DreamPoseError(f"restart must be true or false, got {restart!r}")
+    engines = job.get("engines")
+    spec = RuntimeSpec(model=None if model is None else str(Path(model).resolve()),
+                       subject=(False if model is None and job.get("image") is not None else None) if subject is None
+                       else str(Path(subject).resolve()), backend=job.get("backend", "auto"),
+                       precision=job.get("precision"), engines=None if engines is None else str(Path(engines).resolve()))
     sampling = {k: job.get(k) for k in ("quality", "scheduler", "steps", "s_image", "s_pose", "seed", "noise")}
     SamplingSettings.for_model(None, **sampling)  # the values checked before anything is loaded
     poses = load_poses(job["poses"]) if job.get("poses") is not None else None
@@ -509,10 +523,11 @@ def _prepare(cluster: Cluster, index: int, job: dict, sources: dict[RuntimeSpec,
         poses = demo_poses(height=source.config.height, width=source.config.width)
     settings = SamplingSettings.for_model(source.config, **sampling)
     image = source.subject(job.get("image"))
-    inputs = [job.get("image"), job.get("poses"), model or DEMO_MODEL_DIR, job.get("engines")]
+    inputs = [job.get("image"), job.get("poses"), model or DEMO_MODEL_DIR, job.get("engines"), subject,
+              *other_inputs]
     render = RenderJob(source, job["out"], poses, image, settings, frames=_frames_of(job.get("frames"), len(poses)),
                        frames_per_batch=job.get("frames_per_batch"), fps=job.get("fps", 8.0),
-                       restart=bool(job.get("restart", False)), inputs=inputs)
+                       restart=restart, inputs=inputs)
     ray = cluster._ray
     return ClusterJob(render, spec, ray.put(image), ray.put(poses))
 

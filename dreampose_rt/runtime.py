@@ -107,6 +107,8 @@ class Runtime:
         self.is_demo = is_demo
         self.timer: PhaseTimer | None = None
         self.cuda_graph = True  # see _use_cuda_graph
+        self.subject: Path | None = None  # the LoRA subject folder merged at load (from_pretrained)
+        self._warned_subject = False
         self._cache: OrderedDict[str, SubjectConditioning] = OrderedDict()
         self._frame_bytes: int | None = None
 
@@ -119,12 +121,21 @@ class Runtime:
         precision: str | None = None,
         engines: PathLike | None = None,
         data_plane: str = "auto",
+        subject: PathLike | bool | None = None,
         **backend_options: Any,
     ) -> "Runtime":
         """Load a model folder (or, with no folder, the embedded demo model) onto a backend.
 
         Args:
             model_dir: a DreamPose model folder; None for the embedded demo model.
+            subject: a subject folder (``dreampose-rt finetune --lora-rank R``) made for this base model:
+                its LoRA updates are merged into the weights at load (in fp32, before the cast to
+                ``precision``), so rendering costs what the base model does. A folder made for another
+                base model is refused. With ``engines``, they must hold the merged weights
+                (``build-engine --subject``); the base model's engines are refused by the weights check.
+                None (default): none for a model folder; for the embedded demo model, the demo subject's
+                LoRA (dreampose_rt.demo), which suits the demo subject only: pass False to render another
+                subject with the demo model alone.
             backend: 'auto', 'torch', 'compiled', 'onnxruntime' or 'tensorrt'.
             device: 'cpu', 'cuda', 'cuda:N' or 'auto' (None).
             precision: 'fp32', 'fp16' or 'bf16' (default: fp16 on CUDA, fp32 on the CPU; engines: theirs).
@@ -132,7 +143,9 @@ class Runtime:
             data_plane: after each UNet call: 'auto', 'triton' (fused Triton kernel) or 'scheduler'.
             **backend_options: passed to the backend (e.g. compile_mode, cuda_graph, check_weights, channels_last).
         """
-        for name, value in (("model_dir", model_dir), ("engines", engines)):
+        if subject is True:
+            raise DreamPoseError("subject must be a subject folder, None or False, not True")
+        for name, value in (("model_dir", model_dir), ("engines", engines), ("subject", subject or None)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise DreamPoseError(f"{name} must be a folder path (or None), got {type(value).__name__} {value!r}")
         if not isinstance(backend, str):
@@ -153,14 +166,29 @@ class Runtime:
         if model_dir is None:
             from .demo import DEMO_MODEL_DIR, demo_model
 
-            model = demo_model().to(device=dev, dtype=dtype).eval()
-            fingerprint, is_demo = _fingerprint_folder(DEMO_MODEL_DIR), True
+            from .demo import demo_subject_lora
+
+            base_dir, is_demo = DEMO_MODEL_DIR, True
+            model = demo_model()
+            if subject is None:
+                subject = demo_subject_lora()
         else:
-            model = DreamPoseModel.from_pretrained(model_dir, device=dev, dtype=dtype)
-            fingerprint, is_demo = _fingerprint_folder(Path(model_dir)), False
+            base_dir, is_demo = Path(model_dir), False
+            model = DreamPoseModel.from_pretrained(model_dir, device="cpu" if subject else dev,
+                                                   dtype=torch.float32 if subject else dtype)
+        subject = subject or None
+        fingerprint = _fingerprint_folder(base_dir)
+        if subject is not None:
+            from dreampose.lora import apply_subject, model_fingerprint
+
+            apply_subject(model, subject, model_fingerprint(base_dir))
+            fingerprint = hashlib.sha256(f"{fingerprint}|{_fingerprint_folder(Path(subject))}".encode()).hexdigest()[:16]
+        model = model.to(device=dev, dtype=dtype).eval()
         be = backend_cls(model, dev, dtype, engines=engines, **backend_options)
-        logger.info("runtime: %s", be.describe())
-        return cls(model, be, fingerprint, is_demo, data_plane)
+        logger.info("runtime: %s%s", be.describe(), f", subject {subject}" if subject is not None else "")
+        rt = cls(model, be, fingerprint, is_demo, data_plane)
+        rt.subject = None if subject is None else Path(subject)
+        return rt
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -207,6 +235,10 @@ class Runtime:
             from .demo import demo_subject
 
             image = demo_subject(c.height, c.width)
+        elif self.is_demo and self.subject is not None and not self._warned_subject:
+            self._warned_subject = True
+            logger.warning("this demo runtime holds the demo subject's LoRA (%s), which suits the demo subject only; "
+                           "for another subject load the demo model with subject=False", self.subject)
         return load_image(image, (c.height, c.width))
 
     def encode(self, image: ImageLike | torch.Tensor | None) -> SubjectConditioning:

@@ -62,12 +62,12 @@ def test_a_killed_actor_loses_no_frame(cluster, tmp_path):
     out = tmp_path / "faulty"
     work = Path(f"{out}.work")
     killed = []
+    pid = ray.get(cluster.actors[0].pid.remote())  # now: once the render runs, the call would queue behind it
 
     def kill_one_actor_midway() -> None:
         deadline = time.time() + 120
         while time.time() < deadline and len(list(work.glob("frame_*.png"))) < 1:
             time.sleep(0.01)
-        pid = ray.get(cluster.actors[0].pid.remote())
         ray.kill(cluster.actors[0], no_restart=False)  # Ray restarts it and retries its in-flight batch
         killed.append((pid, len(list(work.glob("frame_*.png")))))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dreampose.evaluation import (evaluate, load_feature_extractor, median_background, set_metrics, strip_image,
+from dreampose.evaluation import (METRICS, evaluate, load_feature_extractor, median_background, set_metrics, strip_image,
                                   video_clips, write_report)
 from dreampose.outputs import MARKER
 from dreampose.settings import EvalProtocol, SamplingSettings
@@ -32,7 +32,9 @@ def test_evaluate_reports_per_video_and_overall(tiny_model, tmp_path):
     v = report.videos[0]
     assert v.targets == [2, 5] and v.outputs.shape == (2, 64, 48, 3) and v.outputs.dtype == np.uint8
     for scores in (v.model, v.repeat):
-        assert set(scores) == {"l1", "psnr", "ssim", "iou", "iou_strict"} and all(len(x) == 2 for x in scores.values())
+        assert set(scores) == set(METRICS) and all(len(x) == 2 for x in scores.values())
+    assert {"fg_l1", "fg_psnr", "colour_error"} <= set(METRICS)
+    assert v.repeat["fg_l1"][0] > 0 and v.repeat["colour_error"][0] >= 0  # the still copy's figure is misplaced
     assert min(v.gt_iou) > 0.9  # the segmentation's ceiling on the ground truth itself
     o = report.overall()
     assert o["frames"] == 4

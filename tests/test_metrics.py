@@ -5,8 +5,8 @@ import pytest
 
 from dreampose.data.figure import render_backdrop
 from dreampose.data.synth import synth_video
-from dreampose.metrics import (feature_statistics, foreground_iou, foreground_mask, frechet_distance, iou, l1, psnr,
-                               ssim)
+from dreampose.metrics import (colour_error, feature_statistics, foreground_iou, foreground_l1, foreground_mask,
+                               foreground_psnr, frechet_distance, iou, l1, psnr, ssim)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,24 @@ def test_metrics_order_a_small_and_a_large_error(video):
     assert np.all(psnr(small, x) > psnr(large, x) + 10)
     assert np.all(ssim(small, x) > ssim(large, x) + 0.2)
     assert psnr(small[0], x[0]).shape == (1,)  # one frame -> one number
+
+
+def test_figure_metrics_see_only_the_figure(video):
+    """A background change leaves the figure's metrics alone; a garment recoloured inside the silhouette moves
+    them (colour error = the distance between the mean colours), though the figure stays where it was."""
+    x = video.images.astype(np.float32) / 255
+    sil = video.silhouette
+    other_bg = np.where(sil[..., None], x, 1 - x)
+    assert np.allclose(foreground_l1(other_bg, x, sil), 0) and np.all(foreground_psnr(other_bg, x, sil) > 90)
+    assert np.allclose(colour_error(other_bg, x, sil), 0) and np.all(l1(other_bg, x) > 0.05)
+    shift = np.array([0.1, -0.05, 0.0], np.float32)
+    recoloured = np.where(sil[..., None], np.clip(x + shift, 0, 1), x)
+    exact = np.where(sil[..., None], x + shift, x)
+    np.testing.assert_allclose(colour_error(exact, x, sil), np.linalg.norm(shift), rtol=1e-4)  # float32 sums
+    assert np.all(colour_error(recoloured, x, sil) > 0.05) and np.all(foreground_l1(recoloured, x, sil) > 0.02)
+    assert colour_error(x[0], x[0], sil[0]).shape == (1,)
+    with pytest.raises(ValueError, match="does not fit"):
+        colour_error(x, x, sil[:, :10])
 
 
 def test_segmenting_the_ground_truth_recovers_the_silhouette(video):

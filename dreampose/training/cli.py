@@ -1,7 +1,8 @@
 """Training subcommands of ``dreampose-rt`` (registered by dreampose_rt.cli as a plugin):
 
     train          stage 1 on a UBC-layout folder or SynthFashion (one device, or many under accelerate launch)
-    finetune       stage 2 on one subject (UNet + adapter, then the VAE decoder) -> a model folder
+    finetune       stage 2 on one subject (UNet + adapter, then the VAE decoder) -> a model folder, or with
+                   --lora-rank R a subject folder of LoRA weights (animate --subject)
     synth-data     write SynthFashion in the UBC layout
     prepare-data   videos (mp4) + DensePose outputs -> the UBC layout
 
@@ -126,7 +127,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise DreamPoseError("finetune: give at least one --image")
         cfg = _overlay(FinetuneConfig, FinetuneConfig(images=values["images"]), values)
     result = finetune(cfg, resume=args.resume is not None)
-    logger.info("finetuned model folder: %s", result.model_dir)
+    logger.info("%s: %s", "subject folder" if cfg.lora_rank else "finetuned model folder", result.model_dir)
     return 0
 
 
@@ -213,6 +214,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lpips", help="a local TorchScript LPIPS module ((x, y) in [-1, 1] -> distance)")
     p.add_argument("--lpips-weight", type=float, help="weight of the LPIPS term in the decoder loss")
     p.add_argument("--decoder-crop", type=float, help="fraction of the image decoded per step (small crops)")
+    p.add_argument("--lora-rank", type=int, help="LoRA of rank R instead of full finetuning: the output is a subject "
+                                                 "folder of megabytes for animate --subject (0: full finetuning)")
+    p.add_argument("--lora-alpha", type=float, help="the LoRA update's scale numerator (0: the rank, a scale of 1)")
+    p.add_argument("--lora-targets", choices=("attention", "attention+conv"), help="the UNet layers LoRA adapts")
+    p.add_argument("--lora-decoder", action="store_const", const=True,
+                   help="with --lora-rank: also a LoRA of the VAE decoder (the decoder phase; without it, none)")
     p.add_argument("--max-scale", dest="augment.max_scale", type=float, help="largest zoom of the augmentation")
     p.add_argument("--max-shift", dest="augment.max_shift", type=float, help="largest extra shift (fraction of the size)")
     _optim_options(p)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Type, TypeVar
 
 from ..settings import check_float, check_int
 from ..utils import DreamPoseError, PathLike, dataclass_from_dict, read_json, write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..lora import LoraSettings
 
 T = TypeVar("T")
 
@@ -166,6 +169,13 @@ class FinetuneConfig:
         pixel_loss: "l1" or "mse"; lpips: a TorchScript perceptual loss ((x, y) in [-1, 1] -> distance)
             used only when given (local weights), weighted by lpips_weight.
         decoder_crop: fraction of the latent size decoded per step (small crops; 1.0 = whole image).
+        lora_rank: 0: full finetuning, a complete model folder out. R >= 1: LoRA of rank R
+            (dreampose.lora): the UNet's ``lora_targets`` layers get a trained low-rank update, the adapter
+            trains fully, and the output is a subject folder holding only those weights.
+        lora_alpha: the update's scale numerator (0: the rank, a scale of 1).
+        lora_targets: "attention" (default) or "attention+conv" (docs/quality.md has their measured effect).
+        lora_decoder: with LoRA, the decoder phase trains a LoRA of the VAE decoder's convolutions
+            (without it, a LoRA finetune has no decoder phase).
     """
 
     images: tuple[str, ...] = ()
@@ -182,6 +192,10 @@ class FinetuneConfig:
     lpips: str = ""
     lpips_weight: float = 1.0
     decoder_crop: float = 0.5
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: str = "attention"
+    lora_decoder: bool = False
     augment: AugmentConfig = AugmentConfig()
     optim: OptimConfig = OptimConfig(lr=1e-5)
     run: RunConfig = RunConfig(checkpoint_every=250)
@@ -202,6 +216,20 @@ class FinetuneConfig:
         check_float("decoder_crop", self.decoder_crop)
         if not 0 < self.decoder_crop <= 1:
             raise DreamPoseError(f"decoder_crop must be in (0, 1], got {self.decoder_crop}")
+        check_int("lora_rank", self.lora_rank, 0)
+        check_float("lora_alpha", self.lora_alpha, 0.0)
+        if self.lora_decoder and not self.lora_rank:
+            raise DreamPoseError("lora_decoder needs lora_rank >= 1 (a LoRA finetune)")
+        self.lora_settings()  # checks lora_targets
+
+    def lora_settings(self) -> LoraSettings | None:
+        """The LoRA shape of this finetune (None: a full finetune)."""
+        from ..lora import LoraSettings
+
+        if not self.lora_rank:
+            return None
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha or None, targets=self.lora_targets,
+                            decoder=self.lora_decoder)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -173,8 +173,17 @@ def list_checkpoints(folder: PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint_weights(path: PathLike, module: nn.Module, use_ema: bool = False) -> None:
-    """Load a checkpoint's weights (or its EMA weights) into ``module`` (the stage's trainable module)."""
+def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of ``module``'s state dict that are trained parameters (requires_grad)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in module.state_dict().items() if k in names}
+
+
+def load_checkpoint_weights(path: PathLike, module: nn.Module, use_ema: bool = False,
+                            trained_only: bool = False) -> None:
+    """Load a checkpoint's weights (or its EMA weights) into ``module`` (the stage's trainable module).
+    ``trained_only``: the checkpoint holds only the trained parameters (a LoRA finetune's); the frozen
+    entries keep their values, and the checkpoint must hold exactly the trained ones."""
     from safetensors.torch import load_file
 
     from ..model import load_state_dict_checked
@@ -184,9 +193,14 @@ def load_checkpoint_weights(path: PathLike, module: nn.Module, use_ema: bool = F
     if not file.is_file():
         raise DreamPoseError(f"{file}: not found (is {path} a checkpoint{' with EMA' if use_ema else ''}?)")
     state = load_file(str(file))
-    if use_ema:
+    current = module.state_dict()
+    if trained_only:
+        trained = set(trained_state(module))
+        if set(state) - {"__updates__"} != trained:
+            raise DreamPoseError(f"{file}: holds {len(state)} tensors, not this run's {len(trained)} trained "
+                                 "parameters (a checkpoint of another LoRA shape or of a full finetune?)")
+    if use_ema or trained_only:
         state.pop("__updates__", None)
-        current = module.state_dict()
         state = {k: state.get(k, current[k]) for k in current}  # frozen entries keep their values
     load_state_dict_checked(module, state, str(file))
 
@@ -217,6 +231,8 @@ class Trainer:
         configs: JSON-ready dicts saved in every checkpoint (the stage's configs).
         ema_decay: 0 = off.
         name: for logs and the progress bar.
+        trained_only: checkpoints hold only the trained parameters (a LoRA finetune: megabytes, not the
+            frozen base model's copy).
     """
 
     def __init__(
@@ -232,8 +248,10 @@ class Trainer:
         configs: dict | None = None,
         ema_decay: float = 0.0,
         name: str = "train",
+        trained_only: bool = False,
     ) -> None:
         self.acc = accelerator
+        self.trained_only = trained_only
         self.module = module
         self.optim_cfg, self.run_cfg = optim, run
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -270,7 +288,8 @@ class Trainer:
         if self.acc.is_main_process:
             module = self.acc.unwrap_model(self.ddp_module) if self._prepared else self.module
             with atomic_dir(path, "checkpoint") as tmp:
-                state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+                weights = trained_state(module) if self.trained_only else module.state_dict()
+                state = {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
                 save_file(state, str(tmp / "model.safetensors"))
                 if self.ema is not None:
                     save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
@@ -319,7 +338,7 @@ class Trainer:
                             if state["configs"].get(k) != json.loads(json.dumps(self.configs.get(k))))
             logger.warning("%s: resuming with changed settings (%s); the result will differ from an "
                            "uninterrupted run", path, ", ".join(differ))
-        load_checkpoint_weights(path, self.module)
+        load_checkpoint_weights(path, self.module, trained_only=self.trained_only)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
         if self.ema is not None:

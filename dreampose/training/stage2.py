@@ -11,8 +11,11 @@ Phase "decoder": the VAE decoder alone (post_quant_conv + decoder; paper: 1500 s
                  are given).
 
 The result is a complete model folder (the base model with the finetuned UNet, adapter and decoder),
-loaded as is by the pipeline and the runtime. Checkpoints of both phases go to ``work_dir`` and a run
-resumes where it stopped.
+loaded as is by the pipeline and the runtime. With ``lora_rank`` R (dreampose.lora) the UNet's chosen
+layers learn a rank-R update instead (the adapter still trains fully; the decoder phase, with
+``lora_decoder``, a LoRA of its convolutions), and the result is a subject folder of megabytes that the
+runtime merges into the base model at load (``--subject``). Checkpoints of both phases go to ``work_dir``
+(a LoRA run's hold only the trained weights) and a run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ _PHASE_UNET, _PHASE_DECODER = "unet", "decoder"
 
 @dataclass
 class FinetuneResult:
-    """model_dir: the finetuned model folder; per-step losses of each phase run now."""
+    """model_dir: the finetuned model folder (a LoRA finetune: the subject folder); per-step losses of each
+    phase run now."""
 
     model_dir: Path
     unet_losses: list[float]
@@ -168,8 +172,18 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def _trainable(module: nn.Module, lora: bool) -> None:
+    """Train all of ``module``, or (``lora``) only its injected LoRA factors."""
+    if not lora:
+        module.requires_grad_(True)
+        return
+    for name, p in module.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
 def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> FinetuneResult:
-    """Finetune ``cfg.base_model`` on the subject; write the model folder ``cfg.output_dir``.
+    """Finetune ``cfg.base_model`` on the subject; write the model folder ``cfg.output_dir`` (with
+    ``cfg.lora_rank``: the subject folder of the LoRA weights, see dreampose.lora).
 
     ``resume``: continue from the newest checkpoints in the work folder (each phase resumes separately).
     """
@@ -189,6 +203,17 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     c = model.config
     images, poses = load_subject(cfg, (c.height, c.width))
     lpips = load_perceptual_loss(cfg.lpips, acc.device) if cfg.lpips else None
+    lora = cfg.lora_settings()
+    if lora is not None:
+        from ..lora import add_lora, decoder_targets, model_fingerprint, unet_targets
+
+        base_fingerprint = model_fingerprint(cfg.base_model)
+        add_lora(model.unet, unet_targets(model.unet, lora.targets), lora, seed=cfg.run.seed)
+        if lora.decoder:
+            add_lora(model.vae.decoder, decoder_targets(model.vae.decoder), lora, seed=cfg.run.seed + 1)
+        elif cfg.decoder_steps > 0:
+            logger.info("finetune: a LoRA finetune without --lora-decoder has no decoder phase "
+                        "(%d decoder steps skipped)", cfg.decoder_steps)
     if acc.is_main_process:
         claim_output_dir(work, "finetune", inputs=inputs)
         save_config(cfg, work / "config.json")
@@ -204,11 +229,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     # 2. UNet + adapter, no dropout
     unet_losses: list[float] = []
     if cfg.unet_steps > 0:
-        model.unet.requires_grad_(True)
+        _trainable(model.unet, lora is not None)
         model.adapter.requires_grad_(True)
         optim = type(cfg.optim)(**{**config_to_dict(cfg.optim), "lr": cfg.unet_lr, "betas": tuple(cfg.optim.betas)})
         trainer = Trainer(acc, NoisePredictor(model.unet, model.adapter), optim, cfg.run, work / _PHASE_UNET,
-                          cfg.unet_steps, 1, cfg.batch_size, configs, name=_PHASE_UNET)
+                          cfg.unet_steps, 1, cfg.batch_size, configs, name=_PHASE_UNET,
+                          trained_only=lora is not None)
         if resume and (found := list_checkpoints(work / _PHASE_UNET)):
             trainer.load_checkpoint(found[-1])
         encoders, schedule = FrozenEncoders(model), noise_schedule(model)
@@ -223,11 +249,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
 
     # 3. the VAE decoder alone
     decoder_losses: list[float] = []
-    if cfg.decoder_steps > 0:
-        decoder = VAEDecoder(model.vae, model.scaling_factor).requires_grad_(True)
+    if cfg.decoder_steps > 0 and (lora is None or lora.decoder):
+        decoder = VAEDecoder(model.vae, model.scaling_factor)
+        _trainable(decoder, lora is not None)
         optim = type(cfg.optim)(**{**config_to_dict(cfg.optim), "lr": cfg.decoder_lr, "betas": tuple(cfg.optim.betas)})
         trainer = Trainer(acc, decoder, optim, cfg.run, work / _PHASE_DECODER, cfg.decoder_steps, 1, cfg.batch_size,
-                          configs, name=_PHASE_DECODER)
+                          configs, name=_PHASE_DECODER, trained_only=lora is not None)
         if resume and (found := list_checkpoints(work / _PHASE_DECODER)):
             trainer.load_checkpoint(found[-1])
         f = model.vae_scale_factor
@@ -254,10 +281,18 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
         trainer.trained_module()
         model.requires_grad_(False)
 
-    # 4. the model folder
+    # 4. the model folder (or the subject folder)
     out = Path(cfg.output_dir)
     if acc.is_main_process:
-        model.to(torch.float32).save_pretrained(out, command="finetune")
-        write_json(out / "finetune.json", config_to_dict(cfg))
+        if lora is not None:
+            from ..lora import SubjectInfo, save_subject
+
+            info = SubjectInfo(lora=lora, base_fingerprint=base_fingerprint, base_model=str(cfg.base_model),
+                               trained={"finetune": config_to_dict(cfg), "unet_losses": unet_losses[-1:],
+                                        "decoder_losses": decoder_losses[-1:]})
+            save_subject(out, model, info, inputs=inputs)
+        else:
+            model.to(torch.float32).save_pretrained(out, command="finetune")
+            write_json(out / "finetune.json", config_to_dict(cfg))
     acc.wait_for_everyone()
     return FinetuneResult(model_dir=out, unet_losses=unet_losses, decoder_losses=decoder_losses)

@@ -294,6 +294,7 @@ def build_engines(
     precision: str = "fp32",
     max_frames: int = 4,
     refit_from: PathLike | None = None,
+    subject: PathLike | None = None,
     **kwargs: Any,
 ) -> EngineManifest:
     """Export, check and build the engines of a DreamPose model folder into ``out_dir``. Returns the
@@ -308,6 +309,8 @@ def build_engines(
         max_frames: frames per call the engines are built for (UNet batch 3 x frames, VAE batch frames).
         refit_from: a subject's finetuned model folder with the same architecture: its weights go into
             the engines, by refit where engines of this architecture already exist.
+        subject: a LoRA subject folder made for ``model_dir`` (dreampose.lora): the base weights with the
+            subject merged go into the engines, by refit where the base model's engines already exist.
         **kwargs: further ``BuildOptions`` fields (opt_frames, dynamic_resolution, opset, vae_output,
             check, optimization_level, workspace_bytes, networks).
 
@@ -319,11 +322,20 @@ def build_engines(
     if options.backend == "tensorrt":
         import_tensorrt()  # fail before minutes of export, not after
         current_device("tensorrt")
+    if refit_from is not None and subject is not None:
+        raise DreamPoseError("give --refit-from (a finetuned model folder) or --subject (a LoRA subject folder), "
+                             "not both")
     out = Path(out_dir)
-    check_output_dir(out, "build-engine", inputs=[model_dir, refit_from], legacy=EngineManifest.exists)
+    inputs = [model_dir, refit_from, subject]
+    check_output_dir(out, "build-engine", inputs=inputs, legacy=EngineManifest.exists)
     t_all = time.perf_counter()
     model = _load_model(model_dir, "model")
     weights_model = model
+    if subject is not None:
+        from dreampose.lora import apply_subject, model_fingerprint
+
+        weights_model = _load_model(model_dir, "model")
+        apply_subject(weights_model, subject, model_fingerprint(model_dir))
     if refit_from is not None:
         weights_model = _load_model(refit_from, "subject model")
         for name in options.networks:
@@ -332,7 +344,7 @@ def build_engines(
                     f"{refit_from}: the subject's {name} differs in architecture from {model_dir}'s; cannot refit"
                 )
     spec = _shape_spec(model, options)
-    claim_output_dir(out, "build-engine", inputs=[model_dir, refit_from], legacy=EngineManifest.exists)
+    claim_output_dir(out, "build-engine", inputs=inputs, legacy=EngineManifest.exists)
     records: dict[str, NetworkRecord] = {}
     for i, name in enumerate(options.networks, 1):
         t0 = time.perf_counter()
@@ -367,7 +379,7 @@ def build_engines(
         backend=options.backend,
         precision=options.precision,
         model_dir=str(Path(model_dir).resolve()),
-        weights_from=str(Path(refit_from or model_dir).resolve()),
+        weights_from=str(Path(subject or refit_from or model_dir).resolve()),
         shape_spec=spec,
         networks=records,
         seconds=round(time.perf_counter() - t_all, 3),

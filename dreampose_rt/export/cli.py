@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         max_frames=args.max_frames,
         refit_from=args.refit_from,
+        subject=args.subject,
         opt_frames=args.opt_frames,
         dynamic_resolution=args.dynamic_resolution,
         opset=args.opset,
@@ -62,6 +63,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--opt-frames", type=int, default=None, metavar="N", help="frames the profile is tuned for (default: max)")
     p.add_argument("--refit-from", default=None, metavar="SUBJECT_DIR",
                    help="a subject's finetuned model folder: refit its weights into the engines")
+    p.add_argument("--subject", default=None, metavar="SUBJECT_DIR",
+                   help="a LoRA subject folder of --model (finetune --lora-rank): the merged weights go into the "
+                        "engines (refitted where the base model's engines exist)")
     p.add_argument("--dynamic-resolution", action="store_true", help="dynamic height/width in UNet and VAE decoder profiles")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     p.add_argument("--vae-output", choices=("float", "uint8"), default="float",
