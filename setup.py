@@ -91,7 +91,7 @@ packages = find_packages(include=["dreampose", "dreampose.*", "dreampose_rt", "d
 
 setup(
     packages=packages,
-    package_data={"dreampose": ["configs/*/*.json", "configs/*.json"], "dreampose_rt": ["assets/*", "assets/demo_model/*", "assets/demo_model/*/*"]},
+    package_data={"dreampose": ["configs/*/*.json", "configs/*.json"], "dreampose_rt": ["assets/*", "assets/demo_model/*", "assets/demo_model/*/*", "assets/demo_subject_lora/*"]},
     include_package_data=True,
     ext_modules=_ext_modules(),
     cmdclass=_cmdclass(),

@@ -75,7 +75,7 @@ def measure(mode: str, model_name: str, device: torch.device, rank: int, frozen_
         optim.step()
         optim.zero_grad(set_to_none=True)
     out = {"mode": mode, "rank": rank if settings else None, "targets": settings.targets if settings else None,
-           "counted": counted, "loss": float(loss)}
+           "counted": counted, "loss": float(loss.detach())}
     if device.type == "cuda":
         torch.cuda.synchronize()
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()

@@ -54,8 +54,8 @@ class LoraSettings:
         alpha: the update's scale numerator (``alpha / rank``; default: the rank, a scale of 1).
         targets: "attention" (the q, k, v and output projections of every attention block; the default)
             or "attention+conv" (also both 3 x 3 convolutions of every resnet block). Measured on held-out
-            subjects (docs/quality.md): the convolutions add 3.5x the parameters at SD 1.5 size and no
-            appearance, and cost pose-following.
+            subjects (docs/quality.md): the convolutions make the UNet's LoRA 3.5x larger at SD 1.5 size,
+            add no appearance, and cost pose-following.
         decoder: also adapt the VAE decoder (its convolutions), in the decoder phase.
     """
 
@@ -98,14 +98,21 @@ def decoder_targets(decoder: nn.Module) -> list[str]:
     return [name for name, m in decoder.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
 
 
+def require_peft() -> None:
+    """Raise DreamPoseError unless peft (what LoRA training needs) imports."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise DreamPoseError("LoRA training needs peft: pip install 'dreampose-rt[lora]' (rendering a subject "
+                             "folder does not)") from None
+
+
 def add_lora(module: nn.Module, names: list[str], settings: LoraSettings, seed: int = 0) -> None:
     """Inject trainable LoRA layers (peft) into ``module``'s ``names``: B starts at zero (the module computes
     what it did), A at peft's default initialisation (seeded)."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise DreamPoseError("LoRA training needs peft: pip install 'dreampose-rt[lora]' (merging a subject "
-                             "folder does not)") from None
+    require_peft()
+    from peft import LoraConfig, inject_adapter_in_model
+
     if not names:
         raise DreamPoseError("no layer to adapt")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
@@ -136,23 +143,35 @@ def remove_lora(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def merge_lora(module: nn.Module, weights: dict[str, torch.Tensor], scale: float, source: str) -> int:
-    """Add ``scale * B @ A`` to each adapted layer's weight in place (Linear and Conv2d). Errors name
-    ``source`` and the layer. Returns the number of layers updated."""
+def merge_lora(module: nn.Module, weights: dict[str, torch.Tensor], scale: float, source: str,
+               rank: int | None = None) -> int:
+    """Add ``scale * B @ A`` to each adapted layer's weight in place (Linear: A (r, in), B (out, r); Conv2d:
+    A (r, in, kh, kw), B (out, r, 1, 1)). ``rank``: the rank every pair must have. Errors name ``source``
+    and the layer. Returns the number of layers updated."""
+    odd = sorted(k for k in weights if not k.endswith((".lora_A", ".lora_B")))
+    if odd:
+        raise DreamPoseError(f"{source}: {odd[0]} is not a LoRA factor (<layer>.lora_A or <layer>.lora_B)")
     names = sorted({k.rsplit(".", 1)[0] for k in weights})
     for name in names:
         a, b = weights.get(f"{name}.lora_A"), weights.get(f"{name}.lora_B")
         if a is None or b is None:
             raise DreamPoseError(f"{source}: {name} has only one of lora_A and lora_B (the file is incomplete)")
+        if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != b.shape[1] or (
+                b.dim() == 4 and b.shape[2:] != (1, 1)) or (rank is not None and a.shape[0] != rank):
+            raise DreamPoseError(f"{source}: {name}'s factors A {tuple(a.shape)} and B {tuple(b.shape)} are not a "
+                                 f"rank-{rank if rank is not None else a.shape[0]} pair")
         try:
             layer = module.get_submodule(name)
         except AttributeError:
             raise DreamPoseError(f"{source}: the model has no layer {name} (a subject of another architecture)") from None
         w = layer.weight
+        if a.dim() != w.dim():
+            raise DreamPoseError(f"{source}: {name} is a {type(layer).__name__} with a {w.dim()}-D weight, its factors "
+                                 f"are {a.dim()}-D")
         if isinstance(layer, nn.Linear):
             delta = b @ a
         elif isinstance(layer, nn.Conv2d):
-            delta = (b.flatten(1) @ a.flatten(1)).view(w.shape[0], *a.shape[1:])
+            delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
         else:
             raise DreamPoseError(f"{source}: {name} is a {type(layer).__name__}, not a Linear or Conv2d")
         if delta.shape != w.shape:
@@ -163,15 +182,41 @@ def merge_lora(module: nn.Module, weights: dict[str, torch.Tensor], scale: float
     return len(names)
 
 
+#: the parts of a model folder the loader reads (dreampose.model.DreamPoseModel.from_pretrained)
+_MODEL_PARTS = ("unet", "vae", "image_encoder", "adapter", "scheduler")
+#: dreampose.json's rendering defaults: changing them changes no weight
+_SAMPLING_DEFAULTS = ("s_image", "s_pose", "num_inference_steps")
+
+
+def _config_bytes(path: Path, top: bool) -> bytes:
+    """A config's content without what a re-save changes (keys "_name_or_path", "_diffusers_version",
+    "transformers_version", ...) and, for the top-level dreampose.json (``top``), the rendering defaults."""
+    import json
+
+    data = read_json(path)
+    skip = _SAMPLING_DEFAULTS if top else ()
+    kept = {k: v for k, v in data.items() if not k.startswith("_") and not k.endswith("_version") and k not in skip}
+    return json.dumps(kept, sort_keys=True).encode()
+
+
 def model_fingerprint(folder: PathLike) -> str:
-    """A hash of a model folder's weights and configs (its content, not its path or times): what a subject
-    folder records of the base model it was trained on."""
+    """A hash of what a model folder's loader reads: each part's weights and configs, by content (not the
+    folder's path, not what a re-save rewrites, not the rendering defaults, and nothing else in the folder:
+    a subject or engine folder kept inside it does not count). What a subject folder records of its base."""
+    from .model import CONFIG_NAME
+
     folder = Path(folder)
+    files = [folder / CONFIG_NAME] + sorted(
+        f for part in _MODEL_PARTS if (folder / part).is_dir() for f in (folder / part).iterdir()
+        if f.is_file() and f.suffix in (".safetensors", ".json"))
     h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.suffix in (".safetensors", ".json") and not f.name.startswith(".") and (
-                f.name not in ("training.json", "finetune.json")):
-            h.update(str(f.relative_to(folder)).encode())
+    for f in files:
+        if not f.is_file():
+            raise DreamPoseError(f"{f}: not found (is {folder} a DreamPose model folder?)")
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+        if f.suffix == ".json":
+            h.update(_config_bytes(f, top=f.parent == folder))
+        else:
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 22), b""):
                     h.update(chunk)
@@ -236,12 +281,13 @@ def apply_subject(model: "DreamPoseModel", subject: PathLike, base_fingerprint: 
         check_finite(state, str(path))
         return state
 
-    n = merge_lora(model.unet, read(UNET_LORA), info.lora.scale, str(folder / UNET_LORA))
+    n = merge_lora(model.unet, read(UNET_LORA), info.lora.scale, str(folder / UNET_LORA), info.lora.rank)
     adapter = read(ADAPTER_WEIGHTS)
     load_state_dict_checked(model.adapter, {k: v.to(model.adapter.linear1.weight.dtype) for k, v in adapter.items()},
                             str(folder / ADAPTER_WEIGHTS))
     if info.lora.decoder:
-        n += merge_lora(model.vae.decoder, read(DECODER_LORA), info.lora.scale, str(folder / DECODER_LORA))
+        n += merge_lora(model.vae.decoder, read(DECODER_LORA), info.lora.scale, str(folder / DECODER_LORA),
+                        info.lora.rank)
     logger.info("subject %s: merged %d LoRA layer(s) (rank %d) into the base model", folder, n, info.lora.rank)
     return info
 
@@ -304,6 +350,6 @@ def training_memory(model: "DreamPoseModel", settings: LoraSettings | None, para
             "trained_parameters": trained}
 
 
-__all__ = ["LoraSettings", "SubjectInfo", "TARGETS", "add_lora", "apply_subject", "decoder_targets", "lora_weights",
+__all__ = ["LoraSettings", "SubjectInfo", "TARGETS", "add_lora", "require_peft", "apply_subject", "decoder_targets", "lora_weights",
            "merge_lora", "model_fingerprint", "remove_lora", "save_subject", "subject_bytes", "training_memory",
            "unet_targets"]

@@ -148,7 +148,8 @@ def foreground_l1(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.
 
 
 def foreground_psnr(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, eps: float = 1e-10) -> np.ndarray:
-    """PSNR in dB (peak 1) inside the figure: as :func:`foreground_l1` -> (T,)."""
+    """PSNR in dB (peak 1) inside the figure: as :func:`foreground_l1` -> (T,); an empty mask scores as an
+    exact match (100 dB), as it does for L1 (0)."""
     p, t, m = _masked(pred, target, mask)
     mse = (np.square(p - t) * m).sum(axis=(1, 2, 3)) / np.maximum(m.sum(axis=(1, 2, 3)) * 3, 1)
     return 10.0 * np.log10(1.0 / np.maximum(mse, eps))

@@ -502,6 +502,8 @@ def _prepare(cluster: Cluster, index: int, job: dict, sources: dict[RuntimeSpec,
     if subject is not None:
         from dreampose.lora import SubjectInfo
 
+        if not isinstance(subject, str) or not subject:
+            raise DreamPoseError(f"subject must be a subject folder's path, got {subject!r}")
         SubjectInfo.load(subject)
     restart = job.get("restart", False)
     if not isinstance(restart, bool):

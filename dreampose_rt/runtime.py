@@ -133,9 +133,9 @@ class Runtime:
                 ``precision``), so rendering costs what the base model does. A folder made for another
                 base model is refused. With ``engines``, they must hold the merged weights
                 (``build-engine --subject``); the base model's engines are refused by the weights check.
-                None (default): none for a model folder; for the embedded demo model, the demo subject's
-                LoRA (dreampose_rt.demo), which suits the demo subject only: pass False to render another
-                subject with the demo model alone.
+                None (default): none for a model folder; for the embedded demo model without engines, the
+                demo subject's LoRA (dreampose_rt.demo), which suits the demo subject only: pass False to
+                render another subject with the demo model alone.
             backend: 'auto', 'torch', 'compiled', 'onnxruntime' or 'tensorrt'.
             device: 'cpu', 'cuda', 'cuda:N' or 'auto' (None).
             precision: 'fp32', 'fp16' or 'bf16' (default: fp16 on CUDA, fp32 on the CPU; engines: theirs).
@@ -143,8 +143,8 @@ class Runtime:
             data_plane: after each UNet call: 'auto', 'triton' (fused Triton kernel) or 'scheduler'.
             **backend_options: passed to the backend (e.g. compile_mode, cuda_graph, check_weights, channels_last).
         """
-        if subject is True:
-            raise DreamPoseError("subject must be a subject folder, None or False, not True")
+        if subject is True or subject == "":
+            raise DreamPoseError(f"subject must be a subject folder, None or False, not {subject!r}")
         for name, value in (("model_dir", model_dir), ("engines", engines), ("subject", subject or None)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise DreamPoseError(f"{name} must be a folder path (or None), got {type(value).__name__} {value!r}")
@@ -170,7 +170,7 @@ class Runtime:
 
             base_dir, is_demo = DEMO_MODEL_DIR, True
             model = demo_model()
-            if subject is None:
+            if subject is None and engines is None:  # engines hold the weights they were built with
                 subject = demo_subject_lora()
         else:
             base_dir, is_demo = Path(model_dir), False

@@ -144,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             tmp_file.write_text(json.dumps(record, indent=2) + "\n")
         write_png(strip(video, renders["without finetuning"], renders["with LoRA"]),
                   ROOT / "docs" / "images" / "demo_subject_strip.png")
+        logger.info("wrote %s and docs/images/demo_subject_strip.png", results)
     lines = ["| demo frames 1-15 | figure colour error | figure L1 | figure PSNR | IoU | L1 | SSIM |", "|---|---|---|---|---|---|---|"]
     for name, s in scores.items():
         lines.append(f"| {name} | {s['colour_error']:.4f} | {s['fg_l1']:.4f} | {s['fg_psnr']:.2f} dB | {s['iou']:.3f} | "
                      f"{s['l1']:.4f} | {s['ssim']:.3f} |")
     sys.stdout.write("\n".join(lines) + f"\n\ncolour error with LoRA / without: {ratio:.2f}\n")
-    logger.info("wrote %s and docs/images/demo_subject_strip.png", results)
     return 0
 
 

@@ -176,9 +176,13 @@ def test_jobs_are_checked_one_by_one(cluster, tmp_path):
     jobs = [{**DEMO, "out": str(tmp_path / "a.gif"), "restart": "false"},
             {**DEMO, "out": str(tmp_path / "b.gif")}, {**DEMO, "out": str(tmp_path / "b.gif"), "seed": 1},
             {**DEMO, "out": str(tmp_path / "x.gif"), "image": str(tmp_path / "s.gif"), "poses": str(tmp_path / "p")},
-            {**DEMO, "out": str(tmp_path / "s.gif")}]
+            {**DEMO, "out": str(tmp_path / "s.gif")},
+            {**DEMO, "out": str(tmp_path / "c.gif"), "subject": False},
+            {**DEMO, "out": str(tmp_path / "d.gif"), "subject": str(tmp_path)}]
     results = render_jobs(jobs, cluster=cluster, progress=False)
-    assert [r.status for r in results] == ["failed", "done", "failed", "failed", "failed"]
+    assert [r.status for r in results] == ["failed", "done", "failed", "failed", "failed", "failed", "failed"]
+    assert "subject must be a subject folder's path, got False" in results[5].error
+    assert "not a subject folder (no subject.json)" in results[6].error
     assert "restart must be true or false, got 'false'" in results[0].error
     assert "job 1 writes this output too" in results[2].error
     assert "s.gif" in results[4].error and "input" in results[4].error

@@ -218,8 +218,9 @@ class FinetuneConfig:
             raise DreamPoseError(f"decoder_crop must be in (0, 1], got {self.decoder_crop}")
         check_int("lora_rank", self.lora_rank, 0)
         check_float("lora_alpha", self.lora_alpha, 0.0)
-        if self.lora_decoder and not self.lora_rank:
-            raise DreamPoseError("lora_decoder needs lora_rank >= 1 (a LoRA finetune)")
+        for name, value in (("lora_decoder", self.lora_decoder), ("lora_alpha", self.lora_alpha)):
+            if value and not self.lora_rank:
+                raise DreamPoseError(f"{name} needs lora_rank >= 1 (a LoRA finetune)")
         self.lora_settings()  # checks lora_targets
 
     def lora_settings(self) -> LoraSettings | None:

@@ -189,6 +189,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     """
     if not cfg.base_model or not cfg.output_dir:
         raise DreamPoseError("finetune needs a base model folder and an output folder")
+    if cfg.lora_rank:
+        from ..lora import require_peft
+
+        require_peft()  # before minutes of loading
     acc = accelerator if accelerator is not None else make_accelerator(cfg.run)
     work = Path(cfg.work_dir or f"{cfg.output_dir}.work")
     inputs = [cfg.base_model, *cfg.images, *cfg.poses, cfg.lpips or None]
