@@ -110,10 +110,13 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
 
-    if args.model is None:
-        logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)")
     rt = Runtime.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                  engines=args.engines, subject=_subject(args.model, args.image, args.subject))
+    if args.model is None:
+        logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)%s",
+                    ", with the demo subject's LoRA" if rt.subject is not None and args.subject is None else "")
+    elif rt.subject is not None:
+        logger.info("subject %s merged into %s", rt.subject, args.model)
     c = rt.config
     if poses is None:
         poses = demo_poses(height=c.height, width=c.width)
