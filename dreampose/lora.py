@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -299,7 +298,7 @@ def save_subject(folder: PathLike, model: "DreamPoseModel", info: SubjectInfo,
     atomically (``folder`` must be new, empty or an earlier finetune's output). Returns the folder."""
     from safetensors.torch import save_file
 
-    from .outputs import _umask, atomic_dir
+    from .outputs import atomic_dir
     from .utils import write_json
 
     folder = Path(folder)
@@ -312,8 +311,6 @@ def save_subject(folder: PathLike, model: "DreamPoseModel", info: SubjectInfo,
                   str(tmp / ADAPTER_WEIGHTS))
         if info.lora.decoder:
             save_file(lora_weights(model.vae.decoder), str(tmp / DECODER_LORA))
-        for f in tmp.glob("*.safetensors"):  # safetensors writes 0600: readable as any file the user makes
-            os.chmod(f, 0o666 & ~_umask())
         write_json(tmp / SUBJECT_CONFIG, info.to_dict())
     return folder
 

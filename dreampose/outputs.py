@@ -150,6 +150,16 @@ def output_dir(out: PathLike, command: str, inputs: Iterable[PathLike | None] = 
         raise
 
 
+def _readable(folder: Path) -> None:
+    """Give the files under ``folder`` that a library wrote owner-only (safetensors writes 0600) the modes
+    of any file the user makes (0666 minus the umask): a model folder is read by other processes, users and
+    cluster nodes."""
+    mode = 0o666 & ~_umask()
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 == 0o600 and mode != 0o600:
+            os.chmod(f, mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: PathLike, command: str, inputs: Iterable[PathLike | None] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``, marked as ``command``'s.
@@ -158,7 +168,7 @@ def atomic_dir(path: PathLike, command: str, inputs: Iterable[PathLike | None] =
     ``command``'s own earlier output. The new folder is complete before it appears under ``path``, and the
     old one is deleted only after the new one is in place. Between the two renames (microseconds)
     ``path`` does not exist; it is never a half-written folder. On any failure the temporary folders are
-    removed and ``path`` is as it was.
+    removed and ``path`` is as it was. Files written owner-only (safetensors' 0600) get the umask's modes.
     """
     path = Path(path)
     existed = check_output_dir(path, command, inputs)
@@ -168,6 +178,7 @@ def atomic_dir(path: PathLike, command: str, inputs: Iterable[PathLike | None] =
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        _readable(tmp)
         write_marker(tmp, command)
         if existed:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

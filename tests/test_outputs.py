@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from dreampose.outputs import (
     MARKER,
@@ -138,3 +139,21 @@ def test_an_existing_regular_file_may_be_replaced_but_not_a_folder_or_device(tmp
     if os.path.exists("/dev/null"):
         with pytest.raises(DreamPoseError, match="not a regular file"):
             check_output_file("/dev/null")
+
+
+def test_atomic_dir_makes_owner_only_files_readable_as_the_umask_says(tmp_path):
+    """safetensors writes 0600: a model folder written through atomic_dir gets the modes of any file the user
+    makes (0644 under umask 022), so other users, processes and cluster nodes can read it."""
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model", "test") as tmp:
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "weights.safetensors"))
+            (tmp / "private.key").write_text("x")
+            os.chmod(tmp / "private.key", 0o400)  # a mode chosen on purpose stays
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model" / "sub" / "weights.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model" / "private.key").stat().st_mode & 0o777 == 0o400
