@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dreampose.lora import LoraSettings, add_lora, training_memory, unet_targets
+from dreampose.lora import LoraSettings, add_lora, mark_trainable, training_memory, unet_targets
 from dreampose.model import DreamPoseModel
 from dreampose.training.diffusion import FrozenEncoders, NoisePredictor, diffusion_loss, noise_schedule
 
@@ -43,11 +43,7 @@ def measure(mode: str, model_name: str, device: torch.device, rank: int, frozen_
     model.requires_grad_(False)
     if settings is not None:
         add_lora(model.unet, unet_targets(model.unet, settings.targets), settings)
-    trained_names = []
-    for name, p in model.unet.named_parameters():
-        p.requires_grad_(settings is None or ".lora_" in name)
-        if p.requires_grad:
-            trained_names.append(name)
+    mark_trainable(model.unet, settings is not None)  # as dreampose.training.stage2's UNet phase
     model.adapter.requires_grad_(True)
     if frozen_dtype != "fp32":  # frozen weights at half precision; the trained ones stay fp32
         for p in model.parameters():

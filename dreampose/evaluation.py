@@ -541,9 +541,15 @@ def strip_image(report: EvalReport, protocol: EvalProtocol, height: int, width: 
             [res.outputs[i] for i in cols],
         ]
         blocks.extend(rows)
+    return image_grid(blocks, height, width, pad)
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], height: int, width: int, pad: int = 2) -> np.ndarray:
+    """Frames uint8 (H, W, 3), row by row, on a white canvas with ``pad`` pixels between them:
+    uint8 (rows x (H + pad) + pad, longest row x (W + pad) + pad, 3)."""
     h, w = height + pad, width + pad
-    canvas = np.full((len(blocks) * h + pad, max(len(r) for r in blocks) * w + pad, 3), 255, np.uint8)
-    for r, row in enumerate(blocks):
+    canvas = np.full((len(rows) * h + pad, max(len(r) for r in rows) * w + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
         for c, img in enumerate(row):
             canvas[pad + r * h : pad + r * h + height, pad + c * w : pad + c * w + width] = img
     return canvas

@@ -97,6 +97,25 @@ def decoder_targets(decoder: nn.Module) -> list[str]:
     return [name for name, m in decoder.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
 
 
+def lora_parameters(module: nn.Module, names: list[str], rank: int) -> int:
+    """Parameters of rank-``rank`` LoRA factors of ``module``'s layers ``names`` (A: rank x fan-in, B: out x
+    rank), counted from the layers' shapes (``module`` without LoRA layers; the meta device will do)."""
+    total = 0
+    for name in names:
+        w = module.get_submodule(name).weight
+        total += rank * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1) + w.shape[0])
+    return total
+
+
+def mark_trainable(module: nn.Module, lora: bool) -> None:
+    """Train all of ``module``, or (``lora``) only its injected LoRA factors."""
+    if not lora:
+        module.requires_grad_(True)
+        return
+    for name, p in module.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
 def require_peft() -> None:
     """Raise DreamPoseError unless peft (what LoRA training needs) imports."""
     try:
@@ -258,9 +277,7 @@ def apply_subject(model: "DreamPoseModel", subject: PathLike, base_fingerprint: 
     """Merge a subject folder into ``model`` (its base, loaded from the folder of ``base_fingerprint``): the
     UNet's (and decoder's) LoRA updates into their weights, the adapter's weights replaced. A folder made
     for another base model is refused with one line."""
-    from safetensors.torch import load_file
-
-    from .model import check_finite, load_state_dict_checked
+    from .model import check_finite, load_state_dict_checked, read_safetensors
 
     folder = Path(subject)
     info = SubjectInfo.load(folder)
@@ -273,10 +290,7 @@ def apply_subject(model: "DreamPoseModel", subject: PathLike, base_fingerprint: 
         path = folder / name
         if not path.is_file():
             raise DreamPoseError(f"{path}: not found (the subject folder is incomplete)")
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own type for a broken file
-            raise DreamPoseError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+        state, _ = read_safetensors(folder, name, "subject")
         check_finite(state, str(path))
         return state
 
@@ -336,17 +350,12 @@ def training_memory(model: "DreamPoseModel", settings: LoraSettings | None, para
     if settings is None:
         trained = unet + adapter
     else:
-        trained = adapter
-        for name in unet_targets(model.unet, settings.targets):
-            layer = model.unet.get_submodule(name)
-            w = layer.weight
-            fan_in = w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1)
-            trained += settings.rank * (fan_in + w.shape[0])
+        trained = adapter + lora_parameters(model.unet, unet_targets(model.unet, settings.targets), settings.rank)
     stored = (frozen + unet + adapter) * param_bytes + (trained - adapter if settings else 0) * 4
     return {"parameters": stored, "gradients": trained * 4, "optimizer_state": trained * optimizer_state_bytes,
             "trained_parameters": trained}
 
 
-__all__ = ["LoraSettings", "SubjectInfo", "TARGETS", "add_lora", "require_peft", "apply_subject", "decoder_targets", "lora_weights",
-           "merge_lora", "model_fingerprint", "remove_lora", "save_subject", "subject_bytes", "training_memory",
-           "unet_targets"]
+__all__ = ["LoraSettings", "SubjectInfo", "TARGETS", "add_lora", "apply_subject", "decoder_targets", "lora_parameters",
+           "lora_weights", "mark_trainable", "merge_lora", "model_fingerprint", "remove_lora", "require_peft",
+           "save_subject", "subject_bytes", "training_memory", "unet_targets"]

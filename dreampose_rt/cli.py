@@ -66,7 +66,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from dreampose.video import check_fps
 
     from .animate import check_outputs, render_to_file
-    from .demo import DEMO_MODEL_DIR, demo_poses
+    from .demo import DEMO_MODEL_DIR, demo_poses, runtime_subject
     from .runtime import Runtime, resolve_device
 
     # every setting first: nothing is loaded or written before they all pass
@@ -111,7 +111,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     rt = Runtime.from_pretrained(args.model, backend=args.backend, device=args.device, precision=args.precision,
-                                 engines=args.engines, subject=_subject(args.model, args.image, args.subject))
+                                 engines=args.engines, subject=runtime_subject(args.model, args.image, args.subject))
     if args.model is None:
         logger.info("no --model: using the embedded demo model (64 x 48, trained on SynthFashion; see docs/quality.md)%s",
                     ", with the demo subject's LoRA" if rt.subject is not None and args.subject is None else "")
@@ -136,21 +136,13 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _subject(model: str | None, image: str | None, subject: str | None) -> str | bool | None:
-    """The Runtime's ``subject``: the one given; else, for the demo model with a user's image, False (the
-    demo subject's LoRA suits the demo subject only); else the default (the demo subject's for the demo)."""
-    if subject is None and model is None and image is not None:
-        return False
-    return subject
-
-
 def _animate_on_ray(args: argparse.Namespace, sampling: dict) -> int:
     """``animate --ray``: the one video on a Ray cluster (dreampose_rt.distributed), same work folder."""
     from .distributed import render_video
 
     job = {"image": args.image, "poses": args.poses, "out": args.out, "model": args.model, "subject": args.subject,
-           "backend": args.backend, "precision": args.precision, "engines": args.engines, "fps": args.fps, "frames": args.frames,
-           "frames_per_batch": args.frames_per_batch, "restart": args.restart,
+           "backend": args.backend, "precision": args.precision, "engines": args.engines, "fps": args.fps,
+           "frames": args.frames, "frames_per_batch": args.frames_per_batch, "restart": args.restart,
            **{k: v for k, v in sampling.items() if v is not None}}
     address = None if args.ray == "local" else args.ray
     r = render_video({k: v for k, v in job.items() if v is not None}, address, actors=args.actors,

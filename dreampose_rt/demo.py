@@ -67,6 +67,15 @@ def demo_subject_lora() -> Path | None:
     return None
 
 
+def runtime_subject(model: str | None, image: str | None, subject: str | None) -> str | bool | None:
+    """What a render asks of ``Runtime.from_pretrained(subject=...)`` (animate, a render job): the subject
+    folder given; else, for the demo model with a user's image, False (the demo subject's LoRA suits the
+    demo subject only); else None (the default: the demo subject's LoRA for the demo model)."""
+    if subject is None and model is None and image is not None:
+        return False
+    return subject
+
+
 def random_demo_model(seed: int = DEMO_SEED) -> DreamPoseModel:
     """The demo's architecture with random weights (DreamPoseModel.tiny at the demo resolution)."""
     return DreamPoseModel.tiny(seed=seed, height=DEMO_HEIGHT, width=DEMO_WIDTH)

@@ -258,6 +258,11 @@ class Cluster:
         load = {id(a): 0 for a in self.actors}
         exhausted = False
 
+        def drop(task: Task) -> None:
+            """Take a batch that will not render (cancelled, or failed with the user's error) off the bar."""
+            bar.total -= len(task.batch)
+            bar.refresh()
+
         def refill() -> None:
             nonlocal exhausted
             while not exhausted and len(queue) < IN_FLIGHT * max(1, len(self.actors)):
@@ -276,8 +281,7 @@ class Cluster:
                     while queue and load[id(actor)] < IN_FLIGHT:
                         task, tries = queue.popleft()
                         if task.cancelled():
-                            bar.total -= len(task.batch)
-                            bar.refresh()
+                            drop(task)
                             yield task, None
                             refill()
                             continue
@@ -310,8 +314,7 @@ class Cluster:
                         cause = _unwrap(e)
                         if not isinstance(cause, DreamPoseError):
                             raise
-                        bar.total -= len(task.batch)
-                        bar.refresh()
+                        drop(task)
                         yield task, str(cause)
                         continue
                     bar.update(len(task.batch))
@@ -479,7 +482,7 @@ def _prepare(cluster: Cluster, index: int, job: dict, sources: dict[RuntimeSpec,
     ``other_inputs``: the other jobs' inputs, which this job's output may not be either."""
     from dreampose.poses import load_poses
 
-    from .demo import DEMO_MODEL_DIR
+    from .demo import DEMO_MODEL_DIR, runtime_subject
 
     if "_error" in job:
         raise DreamPoseError(job["_error"])
@@ -510,8 +513,8 @@ def _prepare(cluster: Cluster, index: int, job: dict, sources: dict[RuntimeSpec,
         raise DreamPoseError(f"restart must be true or false, got {restart!r}")
     engines = job.get("engines")
     spec = RuntimeSpec(model=None if model is None else str(Path(model).resolve()),
-                       subject=(False if model is None and job.get("image") is not None else None) if subject is None
-                       else str(Path(subject).resolve()), backend=job.get("backend", "auto"),
+                       subject=runtime_subject(model, job.get("image"), None if subject is None
+                                               else str(Path(subject).resolve())), backend=job.get("backend", "auto"),
                        precision=job.get("precision"), engines=None if engines is None else str(Path(engines).resolve()))
     sampling = {k: job.get(k) for k in ("quality", "scheduler", "steps", "s_image", "s_pose", "seed", "noise")}
     SamplingSettings.for_model(None, **sampling)  # the values checked before anything is loaded
@@ -605,11 +608,12 @@ def render_jobs(
     def open_job(index: int, job: Any) -> ClusterJob | None:
         """Prepare and enter job ``index``; None (its result recorded) when it fails or was done before."""
         out = str(job.get("out", "")) if isinstance(job, dict) else ""
+        where = str(Path(out).resolve())
         try:
-            if out and outs.setdefault(str(Path(out).resolve()), index) != index:
-                raise DreamPoseError(f"{out}: job {outs[str(Path(out).resolve())]} writes this output too")
+            if out and outs.setdefault(where, index) != index:
+                raise DreamPoseError(f"{out}: job {outs[where]} writes this output too")
             cj = _prepare(cluster, index, job, sources, inputs)
-            before = done.get(str(Path(out).resolve()))
+            before = done.get(where)
             if state is not None and isinstance(before, dict) and before.get("key") == _state_key(_identity_of(cj)) \
                     and before.get("output") == _output_stat(Path(out)) and not cj.render.work.exists():
                 results[index] = JobResult(index, out, "skipped", frames=len(cj.render.frames))

@@ -89,6 +89,7 @@ class Runtime:
         fingerprint: identifies the weights (used by resumable renders); derived from the folder.
         is_demo: True for the embedded demo model (then ``image`` may be omitted: the demo subject).
         data_plane: 'auto', 'triton' or 'scheduler' (see :meth:`data_plane`).
+        subject: the LoRA subject folder merged into ``model`` (:meth:`from_pretrained`), None if none.
 
     ``timer`` (None by default, settable): a phase timer (see dreampose.timing) called around encode,
     each UNet call, each guidance + scheduler update and decode; the benchmark suite sets it.
@@ -96,7 +97,7 @@ class Runtime:
 
     def __init__(
         self, model: DreamPoseModel, backend: Backend, fingerprint: str, is_demo: bool = False,
-        data_plane: str = "auto",
+        data_plane: str = "auto", subject: Path | None = None,
     ) -> None:
         if data_plane not in DATA_PLANES:
             raise DreamPoseError(f"unknown data plane {data_plane!r}; choose one of {', '.join(DATA_PLANES)}")
@@ -107,7 +108,7 @@ class Runtime:
         self.is_demo = is_demo
         self.timer: PhaseTimer | None = None
         self.cuda_graph = True  # see _use_cuda_graph
-        self.subject: Path | None = None  # the LoRA subject folder merged at load (from_pretrained)
+        self.subject = subject
         self._warned_subject = False
         self._cache: OrderedDict[str, SubjectConditioning] = OrderedDict()
         self._frame_bytes: int | None = None
@@ -164,9 +165,7 @@ class Runtime:
                                  f"(it takes: {takes})")
         dtype = torch_dtype(precision)
         if model_dir is None:
-            from .demo import DEMO_MODEL_DIR, demo_model
-
-            from .demo import demo_subject_lora
+            from .demo import DEMO_MODEL_DIR, demo_model, demo_subject_lora
 
             base_dir, is_demo = DEMO_MODEL_DIR, True
             model = demo_model()
@@ -186,9 +185,7 @@ class Runtime:
         model = model.to(device=dev, dtype=dtype).eval()
         be = backend_cls(model, dev, dtype, engines=engines, **backend_options)
         logger.info("runtime: %s%s", be.describe(), f", subject {subject}" if subject is not None else "")
-        rt = cls(model, be, fingerprint, is_demo, data_plane)
-        rt.subject = None if subject is None else Path(subject)
-        return rt
+        return cls(model, be, fingerprint, is_demo, data_plane, None if subject is None else Path(subject))
 
     # ---- properties ---------------------------------------------------------------------------
     @property

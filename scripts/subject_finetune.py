@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import device_info, versions  # noqa: E402
 from dreampose.evaluation import score_frames, test_videos  # noqa: E402
-from dreampose.lora import (LoraSettings, apply_subject, decoder_targets, model_fingerprint, subject_bytes,  # noqa: E402
-                            training_memory, unet_targets)
+from dreampose.lora import (LoraSettings, apply_subject, decoder_targets, lora_parameters,  # noqa: E402
+                            model_fingerprint, subject_bytes, training_memory, unet_targets)
 from dreampose.model import DreamPoseModel  # noqa: E402
 from dreampose.pipeline import DreamPosePipeline  # noqa: E402
 from dreampose.settings import EvalProtocol, SamplingSettings  # noqa: E402
@@ -85,15 +85,6 @@ def run_variant(name: str, cfg: FinetuneConfig | None, base: Path) -> tuple[Drea
     logger.info("%s: finetuned in %.1f s, %d bytes written", name, seconds, size)
     return model, {"seconds": seconds, "bytes": size, "unet_loss_last": result.unet_losses[-1:],
                    "decoder_loss_last": result.decoder_losses[-1:]}
-
-
-def lora_parameters(module: torch.nn.Module, names: list[str], rank: int) -> int:
-    """Parameters of rank-``rank`` LoRA factors of ``module``'s layers ``names`` (A: rank x fan-in, B: out x rank)."""
-    total = 0
-    for name in names:
-        w = module.get_submodule(name).weight
-        total += rank * (w.shape[1] * (w[0, 0].numel() if w.dim() == 4 else 1) + w.shape[0])
-    return total
 
 
 def sd15_report(ranks: list[int]) -> dict:

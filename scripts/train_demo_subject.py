@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.measure import device_info, versions  # noqa: E402
 from dreampose.data.figure import render_backdrop  # noqa: E402
 from dreampose.data.synth import synth_video  # noqa: E402
-from dreampose.evaluation import TestVideo, pose_image, score_frames  # noqa: E402
+from dreampose.evaluation import TestVideo, image_grid, pose_image, score_frames  # noqa: E402
 from dreampose.lora import SUBJECT_CONFIG, apply_subject, model_fingerprint, subject_bytes  # noqa: E402
 from dreampose.pipeline import DreamPosePipeline  # noqa: E402
 from dreampose.settings import SamplingSettings  # noqa: E402
@@ -65,17 +65,12 @@ def demo_video() -> TestVideo:
     return TestVideo("demo", v.images, v.uv, v.silhouette, render_backdrop(v.appearance, DEMO_HEIGHT, DEMO_WIDTH))
 
 
-def strip(video: TestVideo, without: np.ndarray, with_lora: np.ndarray, pad: int = 2) -> np.ndarray:
+def strip(video: TestVideo, without: np.ndarray, with_lora: np.ndarray) -> np.ndarray:
     """Rows: subject, target pose, ground truth, without finetuning, with LoRA; STRIP_FRAMES as columns."""
     rows = [[video.images[0]] * len(STRIP_FRAMES), [pose_image(video.uv[i]) for i in STRIP_FRAMES],
             [video.images[i] for i in STRIP_FRAMES], [without[i] for i in STRIP_FRAMES],
             [with_lora[i] for i in STRIP_FRAMES]]
-    h, w = DEMO_HEIGHT + pad, DEMO_WIDTH + pad
-    canvas = np.full((len(rows) * h + pad, len(STRIP_FRAMES) * w + pad, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            canvas[pad + r * h: pad + r * h + DEMO_HEIGHT, pad + c * w: pad + c * w + DEMO_WIDTH] = img
-    return canvas
+    return image_grid(rows, DEMO_HEIGHT, DEMO_WIDTH)
 
 
 def main(argv: list[str] | None = None) -> int:

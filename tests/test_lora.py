@@ -388,7 +388,7 @@ def test_broken_factors_are_refused_naming_the_file_and_layer(lora_run, subject,
 
 def test_subject_values_and_the_demo_default(tmp_path):
     from dreampose_rt import demo
-    from dreampose_rt.cli import _subject
+    from dreampose_rt.demo import runtime_subject as _subject
 
     for bad in (True, ""):
         with pytest.raises(DreamPoseError, match="subject must be a subject folder"):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..images import load_image
+from ..lora import mark_trainable
 from ..model import DreamPoseModel
 from ..outputs import check_output_dir, claim_output_dir
 from ..poses import check_poses, read_iuv_image, resize_poses
@@ -172,15 +173,6 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _trainable(module: nn.Module, lora: bool) -> None:
-    """Train all of ``module``, or (``lora``) only its injected LoRA factors."""
-    if not lora:
-        module.requires_grad_(True)
-        return
-    for name, p in module.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-
-
 def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> FinetuneResult:
     """Finetune ``cfg.base_model`` on the subject; write the model folder ``cfg.output_dir`` (with
     ``cfg.lora_rank``: the subject folder of the LoRA weights, see dreampose.lora).
@@ -189,7 +181,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     """
     if not cfg.base_model or not cfg.output_dir:
         raise DreamPoseError("finetune needs a base model folder and an output folder")
-    if cfg.lora_rank:
+    lora = cfg.lora_settings()
+    if lora is not None:
         from ..lora import require_peft
 
         require_peft()  # before minutes of loading
@@ -207,7 +200,6 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     c = model.config
     images, poses = load_subject(cfg, (c.height, c.width))
     lpips = load_perceptual_loss(cfg.lpips, acc.device) if cfg.lpips else None
-    lora = cfg.lora_settings()
     if lora is not None:
         from ..lora import add_lora, decoder_targets, model_fingerprint, unet_targets
 
@@ -233,7 +225,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     # 2. UNet + adapter, no dropout
     unet_losses: list[float] = []
     if cfg.unet_steps > 0:
-        _trainable(model.unet, lora is not None)
+        mark_trainable(model.unet, lora is not None)
         model.adapter.requires_grad_(True)
         optim = type(cfg.optim)(**{**config_to_dict(cfg.optim), "lr": cfg.unet_lr, "betas": tuple(cfg.optim.betas)})
         trainer = Trainer(acc, NoisePredictor(model.unet, model.adapter), optim, cfg.run, work / _PHASE_UNET,
@@ -255,7 +247,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, accelerator=None) -> Fin
     decoder_losses: list[float] = []
     if cfg.decoder_steps > 0 and (lora is None or lora.decoder):
         decoder = VAEDecoder(model.vae, model.scaling_factor)
-        _trainable(decoder, lora is not None)
+        mark_trainable(decoder, lora is not None)
         optim = type(cfg.optim)(**{**config_to_dict(cfg.optim), "lr": cfg.decoder_lr, "betas": tuple(cfg.optim.betas)})
         trainer = Trainer(acc, decoder, optim, cfg.run, work / _PHASE_DECODER, cfg.decoder_steps, 1, cfg.batch_size,
                           configs, name=_PHASE_DECODER, trained_only=lora is not None)

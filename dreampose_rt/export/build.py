@@ -330,12 +330,11 @@ def build_engines(
     check_output_dir(out, "build-engine", inputs=inputs, legacy=EngineManifest.exists)
     t_all = time.perf_counter()
     model = _load_model(model_dir, "model")
-    weights_model = model
-    if subject is not None:
+    if subject is not None:  # the export keys depend on the architecture only: one model serves both
         from dreampose.lora import apply_subject, model_fingerprint
 
-        weights_model = _load_model(model_dir, "model")
-        apply_subject(weights_model, subject, model_fingerprint(model_dir))
+        apply_subject(model, subject, model_fingerprint(model_dir))
+    weights_model = model
     if refit_from is not None:
         weights_model = _load_model(refit_from, "subject model")
         for name in options.networks:
