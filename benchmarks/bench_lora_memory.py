@@ -24,6 +24,7 @@ import torch
 
 from dreampose.lora import LoraSettings, add_lora, mark_trainable, training_memory, unet_targets
 from dreampose.model import DreamPoseModel
+from dreampose.utils import atomic_file
 from dreampose.training.diffusion import FrozenEncoders, NoisePredictor, diffusion_loss, noise_schedule
 
 from .measure import device_info, versions
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     name = str(info.get("name", args.device)).lower().replace(" ", "-")
     out = Path(args.results) / f"lora_memory_{name}_{args.model}_{time.strftime('%Y-%m-%d')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
     sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     return 0
 

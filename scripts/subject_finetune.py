@@ -55,7 +55,7 @@ from dreampose.pipeline import DreamPosePipeline  # noqa: E402
 from dreampose.settings import EvalProtocol, SamplingSettings  # noqa: E402
 from dreampose.training import FinetuneConfig, finetune  # noqa: E402
 from dreampose.training.config import RunConfig, config_to_dict  # noqa: E402
-from dreampose.utils import atomic_file  # noqa: E402
+from dreampose.utils import DreamPoseError, atomic_file  # noqa: E402
 from dreampose.video import write_png  # noqa: E402
 from dreampose_rt.demo import DEMO_MODEL_DIR  # noqa: E402
 
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sd15_only:
         out = Path(args.out) if args.out else RESULTS / f"subject_finetune_cpu_{datetime.date.today()}.json"
         record = json.loads(out.read_text()) if out.is_file() else {"benchmark": "scripts/subject_finetune.py"}
+        if record.get("benchmark") != "scripts/subject_finetune.py":
+            raise DreamPoseError(f"{out}: not a record of scripts/subject_finetune.py; give another --out")
         record["sd15"] = sd15_report(args.ranks)
         with atomic_file(out) as tmp_file:
             tmp_file.write_text(json.dumps(record, indent=2) + "\n")
